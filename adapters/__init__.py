@@ -1,0 +1,1 @@
+"""Adapters: PEFT loading and validation, registry, tiered paging."""

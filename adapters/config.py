@@ -1,0 +1,38 @@
+"""Configuration of the adapter registry, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Where adapters come from and how much memory each tier may hold.
+
+    `max_gpu_adapters` is the number of accelerator slots (the kernels' S); the accelerator pool
+    itself is a byte budget in which each adapter takes memory in proportion to its own rank.
+    """
+
+    adapters: tuple[tuple[str, Path], ...] = ()  # --adapter NAME=PATH, loaded at start
+    adapter_root: Path | None = None  # lazy resolution of unknown names, uploads
+    desired_set: Path | None = None  # declarative list reconciled at start
+    max_gpu_adapters: int = 16
+    max_cpu_adapters: int = 64
+    max_lora_rank: int = 64
+    gpu_pool_bytes: int | None = None  # None: enough for max_gpu_adapters at max_lora_rank
+    cpu_cache_bytes: int | None = None  # None: no byte bound beyond max_cpu_adapters
+    max_adapter_bytes: int = 2 << 30
+    allow_pickle: bool = False
+    pinned: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.max_gpu_adapters < 1:
+            raise ValueError("max_gpu_adapters must be at least 1")
+        if self.max_cpu_adapters < self.max_gpu_adapters:
+            raise ValueError("max_cpu_adapters must be at least max_gpu_adapters")
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise ValueError("max_lora_rank must be in 1..1024")
+        names = [name for name, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names given twice: {sorted(names)}")

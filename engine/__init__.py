@@ -1,0 +1,1 @@
+"""Engine: scheduler, paged KV cache, model runner, sampler."""

@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI API, admin API, auth, metrics and the `loramux` CLI."""
