@@ -25,6 +25,10 @@ class RegistryConfig:
     max_adapter_bytes: int = 2 << 30
     allow_pickle: bool = False
     pinned: tuple[str, ...] = field(default=())
+    # Fairness (adapters/registry.py): a waiter older than this may close hot adapters' room.
+    fairness_wait_s: float = 1.0
+    # A prefetch or acquire wish lapses after this long without a renewal (request gone).
+    want_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_gpu_adapters < 1:
@@ -33,6 +37,8 @@ class RegistryConfig:
             raise ValueError("max_cpu_adapters must be at least max_gpu_adapters")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError("max_lora_rank must be in 1..1024")
+        if self.fairness_wait_s < 0 or self.want_ttl_s <= 0:
+            raise ValueError("fairness_wait_s must be >= 0 and want_ttl_s > 0")
         names = [name for name, _ in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names given twice: {sorted(names)}")

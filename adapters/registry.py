@@ -1,0 +1,851 @@
+"""The adapter registry: names -> versions, tiers disk -> host -> device, references, fairness.
+
+`AdapterRegistry` implements the engine's `AdapterSource`. What it guarantees:
+
+  - Loading validates fully (adapters/peft.py) before any state changes, so a refused or failed
+    load leaves the registry exactly as it was, including the previous version serving.
+    Loads of one name are serialised; loads of different names run in parallel.
+  - Loading a name that exists makes a new version (a new `AdapterRef`); `resolve` returns it
+    from then on. An older version stays acquirable while it still has references and is freed
+    (device region, slot, host buffer) when the last one is released. `unload` works the same
+    way: the name disappears at once, memory goes with the last release. Loading the same
+    weights and config again under a name is a no-op that returns the current version.
+  - A slot returned by `acquire` is never evicted or reused until its `release`; pinned
+    adapters are never evicted. Page-ins run on two background threads (disk -> host,
+    host -> device); no engine-facing call waits for I/O or a copy, except `resolve` of a lazy
+    name, which loads it (call `resolve` off the step loop).
+
+Fairness (the rule the scheduler can rely on). Every adapter version that a request wants
+(`prefetch` or an `acquire` that returned None) but that is not resident is a *waiter*, aged
+from its first want:
+  1. The page-in thread serves waiters oldest first. A waiter is placed if a slot and region
+     are free or can be freed by evicting ready, unreferenced, unpinned adapters, least recently
+     used first, that no older waiter wants. A younger waiter that fits may overtake an older
+     one that does not (the device stays busy).
+  2. A waiter that has waited `fairness_wait_s` is *starving*. If it is in host memory (its
+     disk read done) and cannot be placed, no younger waiter is placed, and the least recently
+     used referenced adapters whose room it needs are *closed*: `acquire` on them returns None
+     (new requests for them wait and age like any other) while their running requests finish.
+     On their last release they are evicted and the starving waiter gets the room; closures
+     are recomputed on every pass.
+So no adapter waits much longer than `fairness_wait_s` plus the remaining run of the requests
+holding the room it needs, however hot the others are. A waiter that even evicting every
+unpinned adapter could not place (pins fill the pool) is skipped rather than blocking others.
+A want lapses if neither `prefetch` nor `acquire` touches it for `want_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.host_cache import HostAdapter, HostCache, full_rank_numel, pack
+from loramux.adapters.peft import (
+    CONFIG_FILE,
+    NAME_RE,
+    AdapterRefused,
+    PeftAdapter,
+    Rule,
+    ValidationLimits,
+    check_name,
+    read_adapter,
+)
+from loramux.adapters.pool import DevicePool, Resident
+from loramux.adapters.types import (
+    MODULES,
+    AdapterError,
+    AdapterNotFound,
+    AdapterRef,
+    BaseSpec,
+    LoraTables,
+)
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.05  # how often idle workers re-check ageing and want expiry
+_SAMPLES = 1024  # latency samples kept per series
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did: the version it made and what the adapter changes."""
+
+    ref: AdapterRef
+    path: Path  # adapter directory, symlinks resolved
+    applied: tuple[tuple[int, str], ...]  # (layer, module) pairs the adapter changes
+    modules: tuple[str, ...]  # distinct modules, in MODULES order
+    ranks: tuple[int, ...]  # distinct ranks, ascending
+    size_bytes: int  # packed size: what it takes in host memory and in the device pool
+    file_bytes: int
+    load_seconds: float
+    replaced: AdapterRef | None = None  # the version it superseded (now draining)
+    unchanged: bool = False  # same weights and config as the current version: nothing done
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def version(self) -> int:
+        return self.ref.version
+
+    @property
+    def digest(self) -> str:
+        return self.ref.digest
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One row of the registry's listing (admin API, /v1/models, metrics)."""
+
+    name: str
+    version: int
+    digest: str
+    current: bool  # False: superseded or unloaded, draining its last references
+    tier: str  # "device", "paging" (copy or disk read in flight), "host" or "disk"
+    slot: int | None
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
+    size_bytes: int
+    refcount: int
+    pinned: bool
+    last_use: float | None  # wall-clock time of the last acquire
+    loaded_at: float  # wall-clock time the version was registered
+    load_seconds: float
+    path: Path
+
+
+@dataclass
+class RegistryStats:
+    """Counters as plain attributes; the server exports them (no Prometheus import here)."""
+
+    loads: int = 0
+    load_failures: int = 0
+    lazy_loads: int = 0
+    unloads: int = 0
+    disk_reads: int = 0  # re-reads disk -> host after a host eviction
+    disk_read_failures: int = 0
+    page_ins: int = 0  # host -> device
+    page_in_failures: int = 0
+    device_evictions: int = 0  # LRU evictions (frees of drained versions are not counted)
+    host_evictions: int = 0
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+    disk_read_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+    page_in_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+    wait_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+
+
+@dataclass
+class _Version:
+    ref: AdapterRef
+    result: LoadResult
+    config_digest: str
+    numel: int
+    root: Path | None  # confinement root for re-reads (None: operator-trusted path)
+    loaded_at: float
+    pinned: bool = False
+    retired: bool = False
+    error: AdapterError | None = None  # set when it can no longer be paged in
+    last_use: float | None = None
+
+
+@dataclass
+class _Want:
+    since: float  # first want: the age the fairness rule uses
+    touched: float
+    pinned: bool = False  # pins never lapse
+
+
+@dataclass
+class _PageIn:
+    ref: AdapterRef
+    resident: Resident
+    host: HostAdapter
+    since: float
+
+
+class AdapterRegistry:
+    """Validated PEFT adapters by name and version, paged disk -> host -> device on demand.
+
+    The engine uses `tables`, `resolve`, `prefetch`, `acquire`, `release` (the AdapterSource
+    protocol); the server uses `load`, `unload`, `pin`, `unpin`, `list`, `stats`. Call `start`
+    once to load the configured start-up set, and `close` (or use it as a context manager) to
+    stop the background threads.
+    """
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        base: BaseSpec,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.base = base
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.limits = ValidationLimits(max_lora_rank=config.max_lora_rank,
+                                       max_adapter_bytes=config.max_adapter_bytes,
+                                       allow_pickle=config.allow_pickle)
+        element = torch.empty((), dtype=dtype).element_size()
+        capacity = (config.gpu_pool_bytes // element if config.gpu_pool_bytes is not None
+                    else full_rank_numel(base, config.max_lora_rank) * config.max_gpu_adapters)
+        self._pool = DevicePool(base, num_slots=config.max_gpu_adapters,
+                                capacity_elements=capacity, max_rank=config.max_lora_rank,
+                                device=self.device, dtype=dtype)
+        self.tables: LoraTables = self._pool.tables
+        self._host = HostCache(config.max_cpu_adapters, config.cpu_cache_bytes)
+        self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
+        self._clock = clock
+        self.stats = RegistryStats()
+        # The engine may set its compute stream so page-in copies wait for its kernels.
+        self.compute_stream: torch.cuda.Stream | None = None
+
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._names: dict[str, AdapterRef] = {}
+        self._versions: dict[AdapterRef, _Version] = {}
+        self._next_version: dict[str, int] = {}  # never reset, so refs are never reused
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._wants: dict[AdapterRef, _Want] = {}
+        self._reading: set[AdapterRef] = set()
+        self._closed: set[AdapterRef] = set()  # fairness: no new references for now
+        self._lazy_failures: dict[str, tuple[tuple[Any, ...], AdapterError]] = {}
+        self._closing = False
+        self._threads = [
+            threading.Thread(target=self._disk_loop, name="loramux-adapter-disk", daemon=True),
+            threading.Thread(target=self._device_loop, name="loramux-adapter-pagein",
+                             daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # ================================================================== start-up and shutdown
+
+    def start(self) -> list[str]:
+        """Load `--adapter` entries (raising on the first failure), reconcile the desired set
+        and pin `config.pinned`; returns the errors of desired-set and pin entries."""
+        for name, path in self.config.adapters:
+            self.load(name, path, trusted=True)
+        errors: list[str] = []
+        if self.config.desired_set is not None:
+            errors += self.reconcile(self.config.desired_set)
+        for name in self.config.pinned:
+            try:
+                self.pin(name)
+            except (AdapterError, AdapterNotFound) as exc:
+                errors.append(f"pin {name}: {exc}")
+        for error in errors:
+            log.error("adapter start-up: %s", error)
+        return errors
+
+    def reconcile(self, desired_set: Path) -> list[str]:
+        """Load every entry of a desired-set file (YAML or JSON: a list, or {"adapters": list},
+        of {name, path, pinned}); relative paths are under the file's folder. Entries already
+        loaded with the same weights are left alone. Returns one error string per failed entry.
+        """
+        import yaml
+
+        try:
+            document = yaml.safe_load(Path(desired_set).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            return [f"desired set {desired_set}: {exc}"]
+        entries = document.get("adapters") if isinstance(document, dict) else document
+        if not isinstance(entries, list):
+            return [f"desired set {desired_set}: expected a list of {{name, path, pinned}}"]
+        errors: list[str] = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not {"name", "path"} <= entry.keys():
+                errors.append(f"desired set entry {index}: needs name and path")
+                continue
+            path = Path(str(entry["path"]))
+            if not path.is_absolute():
+                path = Path(desired_set).parent / path
+            try:
+                self.load(str(entry["name"]), path, pinned=bool(entry.get("pinned", False)),
+                          trusted=True)
+            except AdapterError as exc:
+                errors.append(f"desired set entry {entry['name']!r}: {exc}")
+        return errors
+
+    def close(self) -> None:
+        """Stop the background threads (a page-in in progress finishes first)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def __enter__(self) -> AdapterRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ================================================================== engine side
+
+    def resolve(self, name: str) -> AdapterRef:
+        """The current version of `name`. An unknown name that is a folder under adapter_root
+        is loaded now (the only I/O any engine-facing call does); raises AdapterNotFound, or
+        AdapterError when that folder holds an adapter that fails validation."""
+        with self._lock:
+            ref = self._names.get(name)
+        if ref is not None:
+            return ref
+        return self._resolve_lazy(name)
+
+    def prefetch(self, ref: AdapterRef) -> None:
+        """Start paging `ref` towards the device if it is not there; returns at once."""
+        with self._cond:
+            version = self._versions.get(ref)
+            if version is None or version.retired or version.error is not None:
+                return
+            resident = self._pool.get(ref)
+            if resident is None or not resident.ready:
+                self._want(ref)
+                self._cond.notify_all()
+
+    def acquire(self, ref: AdapterRef) -> int | None:
+        """The device slot of `ref` with its reference count raised, or None while it pages in.
+
+        A slot returned here is never evicted or reused until the matching `release`. Raises
+        AdapterNotFound for a version that was superseded or unloaded and has drained (the
+        engine re-resolves the name, or fails the request if it is gone), and AdapterError for
+        a version that can no longer be paged in (its weights changed or vanished on disk).
+        """
+        with self._cond:
+            version = self._versions.get(ref)
+            if version is None:
+                raise AdapterNotFound(f"{ref.name} version {ref.version} is no longer loaded")
+            if version.error is not None:
+                raise version.error
+            resident = self._pool.get(ref)
+            if resident is not None and resident.ready and ref not in self._closed:
+                resident.refcount += 1
+                resident.last_use = self._clock()
+                version.last_use = time.time()
+                self._wants.pop(ref, None)
+                return resident.slot
+            if version.retired:
+                raise AdapterNotFound(f"{ref.name} version {ref.version} is draining")
+            self._want(ref)
+            self._cond.notify_all()
+            return None
+
+    def release(self, ref: AdapterRef) -> None:
+        """Drop one reference taken by `acquire` (the last one of a drained version frees it)."""
+        with self._cond:
+            resident = self._pool.get(ref)
+            if resident is None or resident.refcount <= 0:
+                raise ValueError(f"release of {ref} without a matching acquire")
+            resident.refcount -= 1
+            if resident.refcount == 0:
+                version = self._versions.get(ref)
+                if version is not None and version.retired:
+                    self._free_if_drained(version)
+                self._cond.notify_all()  # the room may be what a waiter needs
+
+    def acquire_wait(self, ref: AdapterRef, timeout: float = 30.0) -> int:
+        """`acquire`, waiting up to `timeout` s for the page-in (tests, warm-up; not the step
+        loop). Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                slot = self.acquire(ref)
+                if slot is not None:
+                    return slot
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{ref} not resident after {timeout} s")
+                self._cond.wait(min(left, _TICK_S))
+
+    def waiting(self) -> list[AdapterRef]:
+        """Wanted versions not yet usable on the device, oldest want first (the scheduler's and
+        metrics' `waiting_lora_adapters`)."""
+        with self._lock:
+            return [ref for ref, _ in sorted(self._wants.items(), key=lambda kv: kv[1].since)
+                    if not self._usable(ref)]
+
+    def resident(self) -> list[AdapterRef]:
+        """Versions ready on the device (metrics' `running_lora_adapters`)."""
+        with self._lock:
+            return [r.key for r in self._pool.residents() if r.ready]  # type: ignore[misc]
+
+    @property
+    def max_slots(self) -> int:
+        """Accelerator adapter capacity (metrics' `max_lora`)."""
+        return self._pool.num_slots
+
+    def ready(self) -> bool:
+        """Whether every pinned adapter is resident (gate readiness on it)."""
+        with self._lock:
+            return all(self._usable(ref) for ref, v in self._versions.items() if v.pinned)
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until `ready()`; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, _TICK_S))
+            return True
+
+    # ================================================================== admin side
+
+    def load(self, name: str, path: Path | str, *, pinned: bool = False,
+             trusted: bool = False) -> LoadResult:
+        """Validate the PEFT adapter at `path` and register it as the newest version of `name`.
+
+        `trusted` paths (the operator's --adapter and desired-set entries) may lie anywhere;
+        others (admin API, uploads) must resolve inside adapter_root. Raises AdapterError
+        naming the broken rule, leaving the registry unchanged.
+        """
+        check_name(name)
+        with self._name_lock(name):
+            return self._load_locked(name, Path(path), pinned=pinned, trusted=trusted)
+
+    def validate(self, path: Path | str, *, trusted: bool = False) -> PeftAdapter:
+        """Every check `load` makes (path, files, tensors, size against both tiers) without
+        registering anything: for uploads, before they are moved into place."""
+        path = Path(path)
+        try:
+            root = None if trusted else self._root_for(path)
+            adapter = read_adapter(path, self.base, self.limits, root=root, dtype=self.dtype)
+            self._check_fits(pack(adapter, self.base, self.dtype, pin=False))
+        except OSError as exc:
+            raise AdapterRefused(Rule.FILES, f"{path}: {exc}") from None
+        return adapter
+
+    def lazy_names(self) -> builtins.list[str]:
+        """Folders under adapter_root that `resolve` would load and that are not loaded yet
+        (valid names holding an adapter_config.json; not validated here)."""
+        root = self.config.adapter_root
+        if root is None or not root.is_dir():
+            return []
+        with self._lock:
+            loaded = set(self._names)
+        found = []
+        for child in root.iterdir():
+            if child.name in loaded or not NAME_RE.match(child.name) or ".." in child.name:
+                continue
+            if (child / CONFIG_FILE).is_file():
+                found.append(child.name)
+        return sorted(found)
+
+    def unload(self, name: str) -> AdapterRef:
+        """Remove `name` now; its memory is freed when its last reference is released."""
+        with self._name_lock(name), self._cond:
+            ref = self._names.pop(name, None)
+            if ref is None:
+                raise AdapterNotFound(name)
+            self._retire(self._versions[ref])
+            self._lazy_failures.pop(name, None)
+            self.stats.unloads += 1
+            self._cond.notify_all()
+            return ref
+
+    def pin(self, name: str) -> AdapterRef:
+        """Keep `name`'s current version (and its future versions) resident, never evicted."""
+        with self._cond:
+            ref = self._names.get(name)
+            if ref is None:
+                raise AdapterNotFound(name)
+            version = self._versions[ref]
+            if not version.pinned:
+                self._check_pin_room(exclude=name)
+                self._set_pinned(version, True)
+                self._cond.notify_all()
+            return ref
+
+    def unpin(self, name: str) -> AdapterRef:
+        """Make `name` evictable again (LRU)."""
+        with self._cond:
+            ref = self._names.get(name)
+            if ref is None:
+                raise AdapterNotFound(name)
+            self._set_pinned(self._versions[ref], False)
+            return ref
+
+    def list(self) -> builtins.list[AdapterInfo]:
+        """Every loaded version (current first by name, then draining ones)."""
+        with self._lock:
+            rows = [self._info(v) for v in self._versions.values()]
+        return sorted(rows, key=lambda i: (not i.current, i.name, i.version))
+
+    def get(self, name: str) -> AdapterInfo:
+        """The listing row of `name`'s current version; AdapterNotFound if none."""
+        with self._lock:
+            ref = self._names.get(name)
+            if ref is None:
+                raise AdapterNotFound(name)
+            return self._info(self._versions[ref])
+
+    def names(self) -> builtins.list[str]:
+        with self._lock:
+            return sorted(self._names)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes in use and budgets of both tiers."""
+        with self._lock:
+            return {
+                "device_used_bytes": self._pool.used_bytes,
+                "device_capacity_bytes": self._pool.capacity_bytes,
+                "host_used_bytes": self._host.nbytes,
+                "host_entries": len(self._host),
+            }
+
+    # ================================================================== loading
+
+    @contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    def _load_locked(self, name: str, path: Path, *, pinned: bool, trusted: bool) -> LoadResult:
+        started = time.perf_counter()
+        try:
+            root = None if trusted else self._root_for(path)
+            adapter = read_adapter(path, self.base, self.limits, root=root, dtype=self.dtype)
+            host = pack(adapter, self.base, self.dtype, pin=self._pin_host)
+            self._check_fits(host)
+            with self._cond:
+                current = self._names.get(name)
+                if current is not None:
+                    old = self._versions[current]
+                    if (old.ref.digest, old.config_digest) == (adapter.digest,
+                                                                adapter.config_digest):
+                        if pinned and not old.pinned:
+                            self._check_pin_room(exclude=name)
+                            self._set_pinned(old, True)
+                        return dataclasses.replace(old.result, unchanged=True, replaced=None)
+                pin = pinned or (current is not None and self._versions[current].pinned)
+                if pin:
+                    self._check_pin_room(exclude=name)
+                result = self._register(name, adapter, host, root, pin, current,
+                                        time.perf_counter() - started)
+        except AdapterError:
+            with self._lock:
+                self.stats.load_failures += 1
+            raise
+        except OSError as exc:  # a file vanished or is unreadable mid-load
+            with self._lock:
+                self.stats.load_failures += 1
+            raise AdapterRefused(Rule.FILES, f"{path}: {exc}") from None
+        log.info("loaded adapter %s v%d (%s) from %s: %d modules, ranks %s, %d bytes",
+                 name, result.version, result.digest[:12], result.path, len(result.applied),
+                 result.ranks, result.size_bytes)
+        return result
+
+    def _register(self, name: str, adapter: PeftAdapter, host: HostAdapter, root: Path | None,
+                  pinned: bool, current: AdapterRef | None, seconds: float) -> LoadResult:
+        """Under the lock: make the new version current and retire the old one."""
+        number = self._next_version.get(name, 0) + 1
+        self._next_version[name] = number
+        ref = AdapterRef(name=name, version=number, digest=adapter.digest)
+        modules = tuple(dict.fromkeys(m for _, m in adapter.applied))
+        result = LoadResult(ref=ref, path=adapter.path, applied=adapter.applied,
+                            modules=tuple(sorted(modules, key=_module_order)),
+                            ranks=adapter.ranks, size_bytes=host.nbytes,
+                            file_bytes=adapter.file_bytes, load_seconds=seconds,
+                            replaced=current)
+        version = _Version(ref=ref, result=result, config_digest=adapter.config_digest,
+                           numel=host.layout.numel, root=root, loaded_at=time.time())
+        self._versions[ref] = version
+        self._names[name] = ref
+        self._put_host(ref, host)  # if the host is full, the disk thread re-reads it later
+        if pinned:
+            self._set_pinned(version, True)
+        if current is not None:
+            self._retire(self._versions[current])
+        self._lazy_failures.pop(name, None)
+        self.stats.loads += 1
+        self.stats.load_seconds.append(seconds)
+        self._cond.notify_all()
+        return result
+
+    def _root_for(self, path: Path) -> Path:
+        if self.config.adapter_root is None:
+            raise AdapterRefused(Rule.PATH, f"{path}: no adapter root is configured, so only "
+                                 "operator-given paths (trusted) can be loaded")
+        return self.config.adapter_root
+
+    def _check_fits(self, host: HostAdapter) -> None:
+        if host.nbytes > self._pool.capacity_bytes:
+            raise AdapterRefused(Rule.SIZE, f"packed size {host.nbytes} bytes is larger than "
+                                 f"the accelerator pool ({self._pool.capacity_bytes} bytes)")
+        if not self._host.fits(host.nbytes):
+            raise AdapterRefused(Rule.SIZE, f"packed size {host.nbytes} bytes is larger than "
+                                 f"the host cache ({self._host.max_bytes} bytes)")
+
+    def _check_pin_room(self, exclude: str) -> None:
+        pinned = sum(1 for v in self._versions.values()
+                     if v.pinned and not v.retired and v.ref.name != exclude)
+        if pinned + 1 >= self._pool.num_slots:
+            raise AdapterRefused(Rule.PIN, f"{pinned} adapters are pinned and "
+                                 f"{self._pool.num_slots} slots exist; one slot always stays "
+                                 "for unpinned adapters")
+
+    def _resolve_lazy(self, name: str) -> AdapterRef:
+        root = self.config.adapter_root
+        try:
+            check_name(name)
+        except AdapterRefused:
+            raise AdapterNotFound(name) from None
+        if root is None or not (root / name).is_dir():
+            raise AdapterNotFound(name)
+        signature = _signature(root / name)
+        with self._lock:
+            failure = self._lazy_failures.get(name)
+        if failure is not None and failure[0] == signature:
+            raise failure[1]  # the same files failed before: do not re-validate per request
+        with self._name_lock(name):
+            with self._lock:
+                if name in self._names:  # another request loaded it meanwhile
+                    return self._names[name]
+            try:
+                result = self._load_locked(name, Path(name), pinned=False, trusted=False)
+            except AdapterError as exc:
+                with self._lock:
+                    self._lazy_failures[name] = (signature, exc)
+                raise
+            with self._lock:
+                self.stats.lazy_loads += 1
+        return result.ref
+
+    # ================================================================== state changes (locked)
+
+    def _want(self, ref: AdapterRef) -> None:
+        now = self._clock()
+        want = self._wants.get(ref)
+        if want is None:
+            self._wants[ref] = _Want(since=now, touched=now)
+        else:
+            want.touched = now
+
+    def _usable(self, ref: AdapterRef) -> bool:
+        resident = self._pool.get(ref)
+        return resident is not None and resident.ready
+
+    def _set_pinned(self, version: _Version, pinned: bool) -> None:
+        version.pinned = pinned
+        resident = self._pool.get(version.ref)
+        if resident is not None:
+            resident.pinned = pinned
+        if pinned:
+            self._want(version.ref)
+            self._wants[version.ref].pinned = True
+        elif version.ref in self._wants:
+            self._wants[version.ref].pinned = False
+
+    def _retire(self, version: _Version) -> None:
+        version.retired = True
+        self._set_pinned(version, False)
+        self._wants.pop(version.ref, None)
+        self._free_if_drained(version)
+
+    def _free_if_drained(self, version: _Version) -> None:
+        """Free a retired version's device region and host buffer once nothing uses them."""
+        ref = version.ref
+        resident = self._pool.get(ref)
+        if resident is not None:
+            if resident.refcount > 0 or not resident.ready:
+                return  # the last release, or the end of the page-in, calls again
+            self._pool.evict(ref)
+        self._host.drop(ref)
+        self._closed.discard(ref)
+        del self._versions[ref]
+        self._cond.notify_all()
+
+    def _evict(self, resident: Resident) -> None:
+        self._pool.evict(resident.key)
+        self.stats.device_evictions += 1
+
+    def _host_evictable(self, key: Hashable) -> bool:
+        """Host entries that a pending page-in still needs stay; the rest are LRU fodder."""
+        return key not in self._wants or self._usable(key)  # type: ignore[arg-type]
+
+    def _info(self, version: _Version) -> AdapterInfo:
+        ref = version.ref
+        resident = self._pool.get(ref)
+        if resident is not None:
+            tier = "device" if resident.ready else "paging"
+        elif ref in self._reading:
+            tier = "paging"
+        else:
+            tier = "host" if ref in self._host else "disk"
+        result = version.result
+        return AdapterInfo(
+            name=ref.name, version=ref.version, digest=ref.digest, current=not version.retired,
+            tier=tier, slot=resident.slot if resident is not None and resident.ready else None,
+            modules=result.modules, ranks=result.ranks, size_bytes=result.size_bytes,
+            refcount=resident.refcount if resident is not None else 0, pinned=version.pinned,
+            last_use=version.last_use, loaded_at=version.loaded_at,
+            load_seconds=result.load_seconds, path=result.path,
+        )
+
+    # ================================================================== host -> device thread
+
+    def _device_loop(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_page_in()
+                while job is None and not self._closing:
+                    self._cond.wait(_TICK_S)
+                    job = self._next_page_in()
+                if job is None:  # closing
+                    return
+                if self._closing:
+                    self._finish_page_in(job, error=RuntimeError("registry closed"))
+                    return
+            started = time.perf_counter()
+            error: Exception | None = None
+            try:
+                self._pool.write(job.resident, job.host, after=self.compute_stream)
+            except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error: it must not look resident
+                error = exc
+            with self._cond:
+                self._finish_page_in(job, error=error, seconds=time.perf_counter() - started)
+
+    def _next_page_in(self) -> _PageIn | None:
+        """Under the lock: pick the next waiter, make room, place it (fairness rule above)."""
+        now = self._clock()
+        self._closed = set()
+        for ref, want in sorted(self._wants.items(), key=lambda kv: kv[1].since):
+            version = self._versions.get(ref)
+            if version is None or version.retired or version.error is not None:
+                del self._wants[ref]
+                continue
+            if not want.pinned and now - want.touched > self.config.want_ttl_s:
+                del self._wants[ref]  # nobody asked for a while: the request went away
+                continue
+            if self._pool.get(ref) is not None or ref not in self._host:
+                continue  # resident, paging, or still on disk (the disk thread's job)
+            since = want.since
+            victims = self._pool.victims_for(
+                version.numel, lambda r, since=since: self._evictable_for(r, since))
+            if victims is not None:
+                for victim in victims:
+                    self._evict(victim)
+                resident = self._pool.place(ref, version.numel, now)
+                resident.pinned = version.pinned
+                return _PageIn(ref=ref, resident=resident, host=self._host.hold(ref),
+                               since=since)
+            if now - since >= self.config.fairness_wait_s:
+                needed = self._pool.victims_for(version.numel, lambda r: True, referenced=True)
+                if needed is not None:  # else pins fill the pool: skip it, block nobody
+                    self._closed = {r.key for r in needed if r.refcount > 0}  # type: ignore[misc]
+                    return None
+        return None
+
+    def _evictable_for(self, resident: Resident, since: float) -> bool:
+        want = self._wants.get(resident.key)  # type: ignore[arg-type]
+        return want is None or want.since > since  # never steal from an older waiter
+
+    def _finish_page_in(self, job: _PageIn, *, error: Exception | None,
+                        seconds: float = 0.0) -> None:
+        self._host.unhold(job.ref)
+        version = self._versions.get(job.ref)
+        if error is not None:
+            self._pool.evict(job.ref)
+            self.stats.page_in_failures += 1
+            log.error("page-in of %s failed: %s", job.ref, error)
+            if version is not None:
+                version.error = AdapterError(f"page-in failed: {error}")
+        else:
+            job.resident.ready = True
+            self.stats.page_ins += 1
+            self.stats.page_in_seconds.append(seconds)
+            self.stats.wait_seconds.append(max(0.0, self._clock() - job.since))
+        if version is not None and version.retired:
+            self._free_if_drained(version)
+        self._cond.notify_all()
+
+    # ================================================================== disk -> host thread
+
+    def _disk_loop(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_disk_read()
+                while job is None and not self._closing:
+                    self._cond.wait(_TICK_S)
+                    job = self._next_disk_read()
+                if job is None or self._closing:
+                    if job is not None:
+                        self._reading.discard(job.ref)
+                    return
+            started = time.perf_counter()
+            host: HostAdapter | None = None
+            error: AdapterError | None = None
+            try:
+                adapter = read_adapter(job.result.path, self.base, self.limits, root=job.root,
+                                       dtype=self.dtype, expected_digest=job.ref.digest)
+                host = pack(adapter, self.base, self.dtype, pin=self._pin_host)
+            except AdapterError as exc:
+                error = exc
+            except OSError as exc:
+                error = AdapterRefused(Rule.FILES, f"{job.result.path}: {exc}")
+            with self._cond:
+                self._reading.discard(job.ref)
+                if error is not None:
+                    self.stats.disk_read_failures += 1
+                    log.error("re-reading %s from disk failed: %s", job.ref, error)
+                    job.error = error  # acquire raises it from now on
+                    self._wants.pop(job.ref, None)
+                elif job.ref in self._versions and not job.retired:
+                    self.stats.disk_reads += 1
+                    self.stats.disk_read_seconds.append(time.perf_counter() - started)
+                    assert host is not None
+                    self._put_host(job.ref, host)
+                self._cond.notify_all()
+
+    def _next_disk_read(self) -> _Version | None:
+        """Under the lock: the oldest waiter that is only on disk, if the host has room."""
+        for ref, _ in sorted(self._wants.items(), key=lambda kv: kv[1].since):
+            version = self._versions.get(ref)
+            if (version is None or version.retired or version.error is not None
+                    or ref in self._host or ref in self._reading or self._pool.get(ref)):
+                continue
+            if self._host.room_for(version.result.size_bytes, self._host_evictable) is None:
+                return None  # the host is full of adapters that waiters still need
+            self._reading.add(ref)
+            return version
+        return None
+
+    def _put_host(self, ref: AdapterRef, host: HostAdapter) -> None:
+        before = self._host.evictions
+        self._host.put(ref, host, self._host_evictable)
+        self.stats.host_evictions += self._host.evictions - before
+
+
+def _module_order(module: str) -> int:
+    return MODULES.index(module)
+
+
+def _signature(directory: Path) -> tuple[Any, ...]:
+    """What identifies the files of a folder cheaply (names, sizes, mtimes)."""
+    entries = []
+    try:
+        for child in sorted(directory.iterdir()):
+            stat = child.stat()
+            entries.append((child.name, stat.st_size, stat.st_mtime_ns))
+    except OSError:
+        pass
+    return tuple(entries)
