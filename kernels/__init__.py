@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
 from loramux.kernels.checks import check_expand, check_shrink
 from loramux.kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 from loramux.kernels.torch_ops import sgmv_expand_torch, sgmv_shrink_torch

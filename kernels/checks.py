@@ -9,6 +9,7 @@ engine, which fills the metadata once per step) is responsible for them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NoReturn
 
 import torch
@@ -96,8 +97,8 @@ def _check_values(
     """Value checks on CPU metadata (see the module docstring for why not on CUDA)."""
     starts = seg_starts.tolist()
     if starts and (starts[0] < 0 or starts[-1] > rows):
-        _fail(op, f"segments must lie within rows 0..{rows}, got seg_starts {starts[0]}..{starts[-1]}")
-    if any(b < a for a, b in zip(starts, starts[1:])):
+        _fail(op, f"segments must lie within rows 0..{rows}, got {starts[0]}..{starts[-1]}")
+    if any(b < a for a, b in pairwise(starts)):
         _fail(op, "seg_starts must be non-decreasing")
     slot_count = ranks.numel()
     used = {k for k in seg_slots.tolist() if k != -1}
@@ -137,8 +138,8 @@ def check_shrink(
         _fail(op, f"a_pool must share x's dtype {x.dtype}, got {a_pool.dtype}")
     if out.shape[0] != x.shape[0]:
         _fail(op, f"out has {out.shape[0]} rows but x has {x.shape[0]}")
-    tensors = dict(x=x, a_pool=a_pool, a_offsets=a_offsets, ranks=ranks, seg_starts=seg_starts,
-                   seg_slots=seg_slots, out=out)
+    tensors = {"x": x, "a_pool": a_pool, "a_offsets": a_offsets, "ranks": ranks,
+               "seg_starts": seg_starts, "seg_slots": seg_slots, "out": out}
     segments = _check_common(op, a_pool, "a_offsets", a_offsets, ranks, seg_starts, seg_slots,
                              tensors)
     rows, hidden = x.shape
@@ -172,8 +173,8 @@ def check_expand(
     if out.shape[0] != v.shape[0]:
         _fail(op, f"out has {out.shape[0]} rows but v has {v.shape[0]}")
     _check_vector(op, "scales", scales, torch.float32)
-    tensors = dict(v=v, b_pool=b_pool, b_offsets=b_offsets, ranks=ranks, scales=scales,
-                   seg_starts=seg_starts, seg_slots=seg_slots, out=out)
+    tensors = {"v": v, "b_pool": b_pool, "b_offsets": b_offsets, "ranks": ranks,
+               "scales": scales, "seg_starts": seg_starts, "seg_slots": seg_slots, "out": out}
     segments = _check_common(op, b_pool, "b_offsets", b_offsets, ranks, seg_starts, seg_slots,
                              tensors)
     if scales.numel() != ranks.numel():

@@ -31,7 +31,6 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
-
 from loramux.kernels.checks import SgmvDims, check_expand, check_shrink
 
 # Read once: @triton.jit fixed compiled-vs-interpreted mode when this module was imported.
@@ -91,7 +90,7 @@ def regime_of(dims: SgmvDims) -> Regime:
 
 def _rank_block(max_rank: int) -> int:
     # One block covers ranks up to 64, the common case; tl.dot needs at least 16.
-    return min(64, max(16, triton.next_power_of_2(max_rank)))
+    return min(64, max(16, int(triton.next_power_of_2(max_rank))))
 
 
 def shrink_heuristic(dims: SgmvDims, num_sms: int) -> ShrinkConfig:
@@ -126,7 +125,7 @@ def _device_info(device: torch.device) -> tuple[str, int]:
 
 
 def _seg_block(segments: int) -> int:
-    return max(16, triton.next_power_of_2(segments))
+    return max(16, int(triton.next_power_of_2(segments)))
 
 
 def _dot_modes(a: torch.dtype, b: torch.dtype) -> tuple[bool, str]:

@@ -29,8 +29,10 @@ Rows: TypeAlias = slice | torch.Tensor
 class _Plan:
     """Work of one call: multi-row slots one by one, single-row slots batched by rank."""
 
-    groups: dict[int, Rows] = field(default_factory=dict)  # slot -> its rows
-    singles: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # rank -> (rows, slots)
+    # slot -> its rows
+    groups: dict[int, Rows] = field(default_factory=dict)
+    # rank -> (row of each single-row slot, the slot)
+    singles: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
 
 
 def _plan(

@@ -10,25 +10,19 @@ turns into a NaN in the result.
 from __future__ import annotations
 
 import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
-# Before anything imports triton: @triton.jit reads this when a kernel is decorated.
+import pytest
+import torch
+from loramux.kernels import Backend, sgmv_expand, sgmv_expand_ref, sgmv_shrink, sgmv_shrink_ref
+
+# loramux.kernels imports triton lazily, on the first Triton call, so this still comes before
+# @triton.jit decorates the kernels (tests/conftest.py sets it too).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import random  # noqa: E402
-import re  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from functools import partial  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from loramux.kernels import (  # noqa: E402
-    sgmv_expand,
-    sgmv_expand_ref,
-    sgmv_shrink,
-    sgmv_shrink_ref,
-)
 
 # Interpreted Triton runs on CPU tensors; with TRITON_INTERPRET=0 on a GPU host the same tests
 # exercise the compiled kernels.
@@ -343,10 +337,10 @@ def test_mixed_dtypes(impl: str, v_dtype: torch.dtype, out_dtype: torch.dtype) -
 @pytest.mark.parametrize(
     "config",
     [
-        dict(block_m=16, block_r=16, block_k=16, split_k=1),  # many rank blocks, short k steps
-        dict(block_m=32, block_r=32, block_k=64, split_k=2),
-        dict(block_m=16, block_r=64, block_k=128, split_k=3),  # uneven split of H
-        dict(block_m=64, block_r=16, block_k=32, split_k=8),  # some splits past H
+        {"block_m": 16, "block_r": 16, "block_k": 16, "split_k": 1},  # many rank blocks, short k steps
+        {"block_m": 32, "block_r": 32, "block_k": 64, "split_k": 2},
+        {"block_m": 16, "block_r": 64, "block_k": 128, "split_k": 3},  # uneven split of H
+        {"block_m": 64, "block_r": 16, "block_k": 32, "split_k": 8},  # some splits past H
     ],
     ids=["r16-k16", "split2", "split3", "split8"],
 )
@@ -362,9 +356,9 @@ def test_shrink_triton_launch_configs(dtype: torch.dtype, config: dict[str, int]
 @pytest.mark.parametrize(
     "config",
     [
-        dict(block_m=16, block_n=16, block_r=16),  # rank loop runs up to 4 times
-        dict(block_m=32, block_n=64, block_r=32),
-        dict(block_m=64, block_n=128, block_r=64),
+        {"block_m": 16, "block_n": 16, "block_r": 16},  # rank loop runs up to 4 times
+        {"block_m": 32, "block_n": 64, "block_r": 32},
+        {"block_m": 64, "block_n": 128, "block_r": 64},
     ],
     ids=["n16-r16", "n64-r32", "n128-r64"],
 )
@@ -463,30 +457,30 @@ def _small_args() -> dict[str, torch.Tensor]:
     def ints(values: list[int], dt: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dt, device=DEVICE)
 
-    return dict(
-        x=torch.randn(rows, hidden, device=DEVICE),
-        a_pool=torch.randn(12 * hidden, device=DEVICE),
-        a_offsets=ints([0, 4 * hidden], torch.int64),
-        b_pool=torch.randn(12 * out_features, device=DEVICE),
-        b_offsets=ints([0, 4 * out_features], torch.int64),
-        ranks=ints([4, 8], torch.int32),
-        scales=torch.ones(2, device=DEVICE),
-        seg_starts=ints([0, 2, 5], torch.int32),
-        seg_slots=ints([1, 0], torch.int32),
-        out=torch.zeros(rows, 8, device=DEVICE),
-        v=torch.randn(rows, 8, device=DEVICE),
-        y=torch.zeros(rows, out_features, device=DEVICE),
-    )
+    return {
+        "x": torch.randn(rows, hidden, device=DEVICE),
+        "a_pool": torch.randn(12 * hidden, device=DEVICE),
+        "a_offsets": ints([0, 4 * hidden], torch.int64),
+        "b_pool": torch.randn(12 * out_features, device=DEVICE),
+        "b_offsets": ints([0, 4 * out_features], torch.int64),
+        "ranks": ints([4, 8], torch.int32),
+        "scales": torch.ones(2, device=DEVICE),
+        "seg_starts": ints([0, 2, 5], torch.int32),
+        "seg_slots": ints([1, 0], torch.int32),
+        "out": torch.zeros(rows, 8, device=DEVICE),  # shrink's out [T, R_max]
+        "v": torch.randn(rows, 8, device=DEVICE),  # expand's v [T, R_max]
+        "y": torch.zeros(rows, out_features, device=DEVICE),  # expand's out [T, O]
+    }
 
 
-def _call_shrink(args: dict[str, torch.Tensor], backend: str) -> None:
+def _call_shrink(args: dict[str, torch.Tensor], backend: Backend) -> None:
     sgmv_shrink(args["x"], args["a_pool"], args["a_offsets"], args["ranks"], args["seg_starts"],
-                args["seg_slots"], args["out"], backend=backend)  # type: ignore[arg-type]
+                args["seg_slots"], args["out"], backend=backend)
 
 
-def _call_expand(args: dict[str, torch.Tensor], backend: str) -> None:
+def _call_expand(args: dict[str, torch.Tensor], backend: Backend) -> None:
     sgmv_expand(args["v"], args["b_pool"], args["b_offsets"], args["ranks"], args["scales"],
-                args["seg_starts"], args["seg_slots"], args["y"], backend=backend)  # type: ignore[arg-type]
+                args["seg_starts"], args["seg_slots"], args["y"], backend=backend)
 
 
 def _int32(t: torch.Tensor | list[int]) -> torch.Tensor:
@@ -551,7 +545,7 @@ BAD_INPUTS: list[tuple[str, str, Callable[[dict[str, torch.Tensor]], None], str]
 )
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_bad_inputs_raise(
-    backend: str, op: str, mutate: Callable[[dict[str, torch.Tensor]], None], message: str
+    backend: Backend, op: str, mutate: Callable[[dict[str, torch.Tensor]], None], message: str
 ) -> None:
     args = _small_args()
     (_call_shrink if op == "shrink" else _call_expand)(args, backend)  # valid as built
@@ -562,4 +556,40 @@ def test_bad_inputs_raise(
 
 def test_unknown_backend_raises() -> None:
     with pytest.raises(ValueError, match="backend must be"):
-        _call_shrink(_small_args(), "cuda")
+        _call_shrink(_small_args(), "cuda")  # type: ignore[arg-type]
+
+
+@needs_triton
+def test_tuned_table_overrides_the_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TUNED_CONFIGS entry for this device is what the launcher uses."""
+    from loramux.kernels import sgmv
+
+    def no_heuristic(*args: object) -> None:
+        raise AssertionError("the heuristic ran although a tuned config exists")
+
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    table = {name: {("shrink", "prefill"): sgmv.ShrinkConfig(block_m=32, split_k=2),
+                    ("expand", "prefill"): sgmv.ExpandConfig(block_m=32, block_n=32)}}
+    monkeypatch.setattr(sgmv, "TUNED_CONFIGS", table)
+    monkeypatch.setattr(sgmv, "shrink_heuristic", no_heuristic)
+    monkeypatch.setattr(sgmv, "expand_heuristic", no_heuristic)
+    p = make_problem(CONFIG_CASE, torch.float32, _seed())
+    run_shrink(p, sgmv.sgmv_shrink_triton, p.max_rank, torch.float32)
+    run_expand(p, sgmv.sgmv_expand_triton, torch.float32, torch.float32)
+
+
+def test_heuristics_fill_an_h100_and_stay_valid() -> None:
+    """Decode splits the hidden dimension to fill 132 SMs; prefill splits little; all valid."""
+    pytest.importorskip("triton")
+    from loramux.kernels.checks import SgmvDims
+    from loramux.kernels.sgmv import expand_heuristic, shrink_heuristic
+
+    decode = shrink_heuristic(SgmvDims(rows=32, inner=4096, outer=16, segments=32), 132)
+    assert decode.block_m == 16 and decode.split_k > 1
+    prefill = shrink_heuristic(SgmvDims(rows=4096, inner=4096, outer=64, segments=4), 132)
+    assert prefill.block_m == 64 and prefill.split_k <= 4
+    for rows, segments in [(1, 1), (64, 64), (4096, 1), (5000, 300)]:
+        for rank in (1, 8, 16, 33, 64, 128):
+            dims = SgmvDims(rows=rows, inner=4096, outer=rank, segments=segments)
+            shrink_heuristic(dims, 132)  # __post_init__ validates the block sizes
+            expand_heuristic(SgmvDims(rows=rows, inner=rank, outer=11008, segments=segments))
