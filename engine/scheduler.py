@@ -1,0 +1,223 @@
+"""Iteration-level scheduler: which sequences run this step, with how many tokens each.
+
+Policy (every step):
+  1. Running sequences, oldest first, each get their next tokens: 1 for a decode, up to the
+     rest of the token budget for an unfinished (chunked) prefill. When the KV cache has no
+     block for one of them, the youngest running sequence is preempted (blocks freed, later
+     recomputed) until it fits; if the youngest is that sequence itself, it is preempted.
+  2. If nothing was preempted, waiting sequences are admitted oldest first (FCFS: age is the
+     priority, and a preempted sequence keeps its original age, so it goes first), while
+     max_num_seqs and the token budget allow. A prefill that does not fit the rest of the
+     budget is chunked. A sequence whose adapter is still paging in (`acquire` returns None)
+     is skipped and stays queued, so others run meanwhile; the registry pages waiters in
+     oldest first and, once one has waited `fairness_wait_s`, closes hot adapters to new
+     references until it fits, so no adapter starves. A sequence that does not fit the free
+     KV blocks stops admission (strict FCFS), so a long prompt is not starved by short ones.
+  3. The step's sequences are ordered by adapter slot (stable), so each adapter is one
+     contiguous segment of the flat batch.
+
+Adapter references: a sequence acquires its adapter when first admitted and releases it when
+it finishes or is aborted. It keeps the reference while preempted (see request.Sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loramux.adapters.types import AdapterError, AdapterNotFound, AdapterSource
+from loramux.engine.kv_cache import BlockAllocator, blocks_for
+from loramux.engine.request import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step: rows `num_tokens` new tokens from position `start`."""
+
+    seq: Sequence
+    start: int  # position of its first new token (== seq.num_computed at schedule time)
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1 or self.start + self.num_tokens > self.seq.num_tokens:
+            raise ValueError("a scheduled chunk must be non-empty and within the sequence")
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so its logits give a token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """A step's batch, in row order: sequences grouped by adapter slot (-1 first)."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # finished with an error this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    adapter_waits: int = 0  # times a waiting sequence was skipped because its adapter paged in
+
+
+class Scheduler:
+    """Continuous batching over a block allocator and an adapter source.
+
+    Invariants: `running` holds RUNNING sequences in age order, each with the KV blocks for its
+    computed tokens; `waiting` holds WAITING sequences in age order, with no blocks.
+    """
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, adapters: AdapterSource | None) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.adapters = adapters
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ queue
+
+    def add(self, seq: Sequence) -> None:
+        self._insert_waiting(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and give back its blocks and adapter reference."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free_blocks(seq)
+        self.release_adapter(seq)
+
+    def release_adapter(self, seq: Sequence) -> None:
+        if seq.holds_adapter:
+            assert self.adapters is not None and seq.adapter is not None
+            self.adapters.release(seq.adapter)
+            seq.holds_adapter = False
+            seq.slot = None
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._make_room(seq, n, out):
+                break  # seq itself was preempted: everything after it already was too
+            scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        if not out.preempted:
+            budget = self._admit(scheduled, budget, out)
+        scheduled.sort(key=lambda s: s.seq.slot_key)  # stable: age order within a slot
+        out.scheduled = scheduled
+        return out
+
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Grow seq's block table for n more tokens, preempting the youngest running sequences
+        if needed. False if seq had to be preempted itself."""
+        need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_table)
+        while not self.allocator.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        seq.block_table += self.allocator.allocate(max(need, 0))
+        return True
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int, out: SchedulerOutput) -> int:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            n = min(seq.num_tokens, budget)  # a waiting sequence has nothing cached
+            if not self.allocator.can_allocate(blocks_for(n, self.block_size)):
+                break
+            if not self._acquire(seq, out):
+                continue
+            self.waiting.remove(seq)
+            seq.block_table = self.allocator.allocate(blocks_for(n, self.block_size))
+            seq.status = SeqStatus.RUNNING
+            self._insert_running(seq)
+            scheduled.append(ScheduledSeq(seq, 0, n))
+            budget -= n
+        return budget
+
+    def _acquire(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Take seq's adapter reference if it has none yet; False while the adapter pages in
+        (or if it is gone, in which case seq is finished with an error)."""
+        if seq.adapter is None or seq.holds_adapter:
+            return True
+        assert self.adapters is not None
+        try:
+            slot = self.adapters.acquire(seq.adapter)
+        except (AdapterNotFound, AdapterError) as exc:
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = "error"
+            seq.error = f"adapter {seq.adapter.name!r} is no longer available: {exc}"
+            out.failed.append(seq)
+            return False
+        if slot is None:
+            self.stats.adapter_waits += 1
+            return False
+        seq.slot, seq.holds_adapter = slot, True
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Back to WAITING, KV freed (recomputed later); the adapter reference is kept."""
+        self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.preemptions += 1
+        self._insert_waiting(seq)
+        out.preempted.append(seq)
+
+    # ------------------------------------------------------------------ after the step
+
+    def finish(self, seq: Sequence) -> None:
+        """A sequence finished: leave the running set, free its blocks and adapter."""
+        seq.status = SeqStatus.FINISHED
+        self.remove(seq)
+
+    # ------------------------------------------------------------------ internals
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.block_table = []
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        _insert_by_age(self.waiting, seq)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        _insert_by_age(self.running, seq)
+
+
+def _insert_by_age(queue: list[Sequence], seq: Sequence) -> None:
+    """Insert keeping the queue sorted by arrival (new arrivals append in O(1))."""
+    i = len(queue)
+    while i > 0 and queue[i - 1].arrival > seq.arrival:
+        i -= 1
+    queue.insert(i, seq)
