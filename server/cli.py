@@ -13,11 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loramux import __version__
 from loramux.adapters.config import RegistryConfig
 from loramux.engine.config import DEVICES, DTYPES, QUANTIZATIONS, EngineConfig
 from loramux.server.config import ServerConfig
+
+log = logging.getLogger("loramux.server")
 
 
 def _env_name(flag: str) -> str:
@@ -72,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--port", type=int, default=8000, help="port to listen on")
     _add(serve, "--api-keys", help="YAML file of tenants, hashed keys and allowed adapters")
     _add(serve, "--admin-token", help="token for the admin API (off without one)")
+    _add(serve, "--served-model-name", help="name clients use for the base model "
+         "(default: the model folder's name)")
+    _add(serve, "--max-queue", type=int, default=256,
+         help="requests that may wait beyond --max-num-seqs before new ones get 503")
+    _add(serve, "--shutdown-grace-seconds", type=float, default=30.0,
+         help="after SIGTERM, how long running requests may take to finish")
+    _add(serve, "--log-prompts", action="store_true", default=False,
+         help="log prompts and messages at DEBUG level (off by default)")
 
     model = commands.add_parser("model", help="the embedded default model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -106,25 +117,71 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=int(args.port),
         api_keys=Path(args.api_keys) if args.api_keys else None,
-        admin_token=args.admin_token,
+        admin_token=args.admin_token or None,  # an empty variable means off
+        served_model_name=args.served_model_name or None,
+        max_queue=int(args.max_queue),
+        shutdown_grace_seconds=float(args.shutdown_grace_seconds),
+        log_prompts=bool(args.log_prompts),
     )
 
 
-def _serve(config: ServerConfig) -> int:
-    from loramux.engine.default_model import ensure_default_model
+def _serve(config: ServerConfig, log_level: str = "INFO") -> int:
+    """Build the engine, serve the app with uvicorn, drain on SIGTERM, exit.
 
-    model_dir = Path(config.engine.model) if config.engine.model else ensure_default_model()
-    from transformers import AutoConfig, AutoModelForCausalLM
+    The HTTP server starts at once (/health answers, /ready is 503) while the model loads in
+    the background. On SIGTERM (or Ctrl-C) /ready turns 503, the listening socket closes, and
+    running requests get `shutdown_grace_seconds` to finish before they are cut off.
+    """
+    import math
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"loramux: loaded {model_dir} ({hf_config.model_type}, {params / 1e6:.1f}M parameters). "
-        "The HTTP server is not built yet (see the server issue); stopping after the load.",
-        flush=True,
+    import uvicorn
+
+    from loramux.server.app import create_app
+    from loramux.server.local_engine import LocalEngineClient
+    from loramux.server.tenants import TenantFileError, load_tenants
+
+    try:
+        tenants = load_tenants(config.api_keys)
+    except TenantFileError as err:
+        print(f"loramux: {err}", file=sys.stderr)
+        return 2
+    engine = LocalEngineClient(config.engine, served_model_name=config.served_model_name)
+    app = create_app(config, engine, tenants=tenants)
+    state = app.state.loramux
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, lifespan="on", access_log=False,
+        log_config=None, log_level=log_level.lower(),
+        timeout_graceful_shutdown=math.ceil(config.shutdown_grace_seconds),
     )
-    return 0
+
+    class DrainingServer(uvicorn.Server):
+        """Marks the app as draining (/ready says 503) on the first SIGTERM or SIGINT."""
+
+        exit_code = 0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not state.draining:
+                log.info("signal %d: draining for up to %.0f s (no new requests)", sig,
+                         config.shutdown_grace_seconds)
+            state.draining = True
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after its shutdown (exit status 143, or a
+            # KeyboardInterrupt traceback on Ctrl-C); a completed drain exits 0 instead.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    server = DrainingServer(uv_config)
+
+    def fatal(exc: BaseException) -> None:
+        server.exit_code = 1
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    server.run()
+    if server.exit_code == 0 and not server.started:
+        return 1  # e.g. the port was taken: uvicorn logged why
+    return server.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ValueError, argparse.ArgumentTypeError) as err:
         parser.error(str(err))
-    return _serve(config)
+    return _serve(config, args.log_level)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,40 @@ from loramux.engine.config import EngineConfig
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """Everything `loramux serve` needs, validated once at start-up.
+
+    `max_queue` bounds the sequences admitted beyond the engine's `max_num_seqs`: past
+    `max_num_seqs + max_queue` in flight, new requests get 503 with Retry-After instead of
+    waiting without bound. `shutdown_grace_seconds` is how long running requests may take to
+    finish after SIGTERM before they are cut off.
+    """
+
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: Path | None = None  # tenants file; None: open server
     admin_token: str | None = None  # None: admin API off
+    served_model_name: str | None = None  # None: the model directory's name
+    max_queue: int = 256
+    shutdown_grace_seconds: float = 30.0
+    max_upload_bytes: int | None = None  # None: the registry's max_adapter_bytes (+ config)
+    log_prompts: bool = False  # prompts and outputs in the log (DEBUG level); off by default
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("shutdown_grace_seconds must be >= 0")
+        if self.max_upload_bytes is not None and self.max_upload_bytes < 1:
+            raise ValueError("max_upload_bytes must be positive")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("admin_token must not be empty (leave it unset to turn admin off)")
+
+    @property
+    def upload_limit(self) -> int:
+        """Largest accepted admin upload body: the weights limit plus room for the config."""
+        if self.max_upload_bytes is not None:
+            return self.max_upload_bytes
+        return self.engine.registry.max_adapter_bytes + (2 << 20)

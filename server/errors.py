@@ -1,0 +1,158 @@
+"""OpenAI-shaped errors: every failure leaves the server as `{"error": {...}}`.
+
+Handlers raise `APIError` (or one of its helpers); FastAPI's own validation errors and
+Starlette's HTTP errors are turned into the same body here, with 400 instead of FastAPI's 422
+because that is what OpenAI clients expect. Anything unexpected becomes a 500 whose message
+never carries the exception's text: the details go to the log under the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("loramux.server")
+
+_STATUS_TYPES: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("server_error", "overloaded"),
+}
+
+
+class APIError(Exception):
+    """An error the client should see: status, OpenAI type/code/param, optional Retry-After."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        default_type, default_code = _STATUS_TYPES.get(status, ("invalid_request_error", None))
+        self.status = status
+        self.message = message
+        self.type = type or default_type
+        self.code = code if code is not None else default_code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        headers = self.headers()
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def model_not_found(name: str) -> APIError:
+    """The one 404 for a model that does not exist and one the caller may not use."""
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def unauthorized(message: str = "Invalid or missing API key.") -> APIError:
+    return APIError(401, message)
+
+
+def rate_limited(message: str, retry_after: float) -> APIError:
+    return APIError(429, message, retry_after=retry_after)
+
+
+def overloaded(message: str, retry_after: float = 1.0) -> APIError:
+    return APIError(503, message, retry_after=retry_after)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def _loc_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """A 400 naming the first invalid field (pydantic's or FastAPI's error list)."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    param = _loc_param(loc)
+    if first.get("type") == "json_invalid":
+        message = "The request body is not valid JSON."
+    else:
+        message = str(first.get("msg", "invalid request"))
+        if param:
+            message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return APIError(400, message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through the OpenAI body."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(_request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()).response(_request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        err = APIError(exc.status_code, detail)
+        response = err.response(_request_id(request))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = _request_id(request)
+        # The traceback is logged by the server (Starlette re-raises after this response).
+        log.error("request %s failed with %s", rid, type(exc).__name__)
+        return APIError(
+            500, f"Internal server error (request id {rid})." if rid else "Internal server error."
+        ).response(rid)

@@ -1,0 +1,377 @@
+"""The HTTP edge with a fake engine: error bodies and statuses, auth, limits, SSE framing,
+request ids and the access log, admin auth, disconnects. The real engine is in
+tests/test_server_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from server_fakes import FakeEngine
+from server_harness import LiveServer
+
+from loramux.engine.config import EngineConfig
+from loramux.server.app import create_app
+from loramux.server.config import ServerConfig
+from loramux.server.tenants import hash_key, parse_tenants
+
+ADMIN = "admin-secret"
+KEYS = {"acme": "sk-acme", "beta": "sk-beta", "slow": "sk-slow"}
+
+
+def tenant_table() -> Any:
+    return parse_tenants({"tenants": {
+        "acme": {"keys_sha256": [hash_key(KEYS["acme"])], "adapters": ["acme-*", "base"]},
+        "beta": {"keys_sha256": [hash_key(KEYS["beta"])], "adapters": ["beta-*"],
+                 "requests_per_minute": 2},
+        "slow": {"keys_sha256": [hash_key(KEYS["slow"])], "adapters": ["*"],
+                 "max_concurrent": 1},
+    }})
+
+
+def make_client(engine: FakeEngine | None = None, *, tenants: bool = True,
+                **config: Any) -> TestClient:
+    app = create_app(ServerConfig(admin_token=config.pop("admin_token", ADMIN), **config),
+                     engine or FakeEngine(), tenants=tenant_table() if tenants else None)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert response.headers["x-request-id"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with make_client() as c:
+        yield c
+
+
+# ============================================================================ errors
+
+
+def test_bad_bodies_are_openai_400s(client: TestClient) -> None:
+    h = auth("acme")
+    err = assert_error(client.post("/v1/completions", content=b"{oops", headers=h), 400)
+    assert "not valid JSON" in err["message"] and err["type"] == "invalid_request_error"
+    err = assert_error(client.post("/v1/completions", json={"prompt": "x"}, headers=h), 400)
+    assert err["param"] == "model"
+    err = assert_error(client.post("/v1/chat/completions", json={"model": "base",
+                                                                 "messages": []}, headers=h), 400)
+    assert err["param"] == "messages"
+    err = assert_error(client.post("/v1/completions", json={
+        "model": "base", "prompt": "x", "temperature": 5}, headers=h), 400)
+    assert "temperature" in err["message"]
+    err = assert_error(client.post("/v1/completions", json={
+        "model": "base", "prompt": "x", "logit_bias": {"1": 5}}, headers=h), 400)
+    assert err["param"] == "logit_bias"
+    err = assert_error(client.post("/v1/completions", json={
+        "model": "base", "prompt": "x" * 100, "max_tokens": 100}, headers=h), 400)
+    assert "maximum context length is 128" in err["message"]
+    err = assert_error(client.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function"}]}, headers=h), 400)
+    assert err["param"] == "tools"
+
+
+def test_json_body_without_content_type_is_accepted(client: TestClient) -> None:
+    # `curl -d '{...}'` sends application/x-www-form-urlencoded.
+    response = client.post(
+        "/v1/completions", headers={**auth("acme"),
+                                    "Content-Type": "application/x-www-form-urlencoded"},
+        content=json.dumps({"model": "base", "prompt": "hi", "max_tokens": 3}))
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_fields_are_ignored(client: TestClient) -> None:
+    response = client.post("/v1/completions", headers=auth("acme"), json={
+        "model": "base", "prompt": "hi", "max_tokens": 3, "brand_new_option": [1, 2]})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == "bas"
+
+
+def test_auth_errors_are_401(client: TestClient) -> None:
+    body = {"model": "base", "prompt": "hi"}
+    for headers in ({}, {"Authorization": "Bearer sk-nope"}, {"Authorization": KEYS["acme"]},
+                    {"Authorization": f"Basic {KEYS['acme']}"}):
+        err = assert_error(client.post("/v1/completions", json=body, headers=headers), 401)
+        assert err["code"] == "invalid_api_key"
+    assert_error(client.get("/v1/models"), 401)
+    # Auth comes before body validation: nothing about the API leaks without a key.
+    assert_error(client.post("/v1/completions", content=b"{oops"), 401)
+
+
+def test_forbidden_adapter_is_the_same_404_as_a_missing_one(client: TestClient) -> None:
+    missing = client.post("/v1/completions", headers=auth("acme"),
+                          json={"model": "no-such", "prompt": "hi"})
+    forbidden = client.post("/v1/completions", headers=auth("acme"),
+                            json={"model": "beta-x", "prompt": "hi"})
+    err = assert_error(missing, 404)
+    assert err["code"] == "model_not_found"
+    assert_error(forbidden, 404)
+    assert forbidden.json() == json.loads(missing.content.replace(b"no-such", b"beta-x"))
+    # beta may not use the base: also 404, for chat too
+    assert_error(client.post("/v1/chat/completions", headers=auth("beta"), json={
+        "model": "base", "messages": [{"role": "user", "content": "x"}]}), 404)
+
+
+def test_models_list_shows_only_what_the_tenant_may_use(client: TestClient) -> None:
+    ids = [m["id"] for m in client.get("/v1/models", headers=auth("acme")).json()["data"]]
+    assert ids == ["base", "acme-a", "acme-b"]
+    data = client.get("/v1/models", headers=auth("beta")).json()["data"]
+    assert [(m["id"], m["parent"]) for m in data] == [("beta-x", "base")]
+    assert client.get("/v1/models/acme-a", headers=auth("acme")).json()["parent"] == "base"
+    assert_error(client.get("/v1/models/beta-x", headers=auth("acme")), 404)
+
+
+def test_lazy_names_are_listed() -> None:
+    engine = FakeEngine(lazy={"acme-lazy"})
+    with make_client(engine) as client:
+        ids = [m["id"] for m in client.get("/v1/models", headers=auth("acme")).json()["data"]]
+        assert "acme-lazy" in ids
+
+
+def test_adapter_that_fails_validation_is_400() -> None:
+    with make_client(FakeEngine(broken={"acme-bad"})) as client:
+        err = assert_error(client.post("/v1/completions", headers=auth("acme"),
+                                       json={"model": "acme-bad", "prompt": "x"}), 400)
+        assert "corrupt weights" in err["message"]
+
+
+def test_rate_limit_is_429_with_retry_after(client: TestClient) -> None:
+    body = {"model": "beta-x", "prompt": "hi", "max_tokens": 2}
+    for _ in range(2):
+        assert client.post("/v1/completions", json=body, headers=auth("beta")).status_code == 200
+    response = client.post("/v1/completions", json=body, headers=auth("beta"))
+    err = assert_error(response, 429)
+    assert err["code"] == "rate_limit_exceeded" and int(response.headers["retry-after"]) >= 1
+    # Other tenants are not affected.
+    assert client.post("/v1/completions", headers=auth("acme"),
+                       json={"model": "base", "prompt": "hi"}).status_code == 200
+
+
+def test_unexpected_errors_are_500_without_internals() -> None:
+    with make_client(FakeEngine(crash=True)) as client:
+        for stream in (False, True):
+            response = client.post("/v1/completions", headers=auth("acme"), json={
+                "model": "base", "prompt": "hi", "stream": stream})
+            if stream:
+                assert response.status_code == 200
+                events = [line for line in response.text.splitlines() if line]
+                assert events[-1] == "data: [DONE]"
+                err = json.loads(events[-2][len("data: "):])["error"]
+                assert err["type"] == "server_error"
+                text = response.text
+            else:
+                err = assert_error(response, 500)
+                text = response.text
+            assert "secret" not in text and "/srv" not in text and "Traceback" not in text
+
+
+def test_unknown_route_and_method_use_the_error_body(client: TestClient) -> None:
+    assert_error(client.get("/v1/nothing"), 404)
+    assert_error(client.get("/v1/completions"), 405)
+
+
+def test_not_ready_is_503_with_retry_after() -> None:
+    engine = FakeEngine(ready=False)
+    with make_client(engine) as client:
+        response = client.get("/ready")
+        assert_error(response, 503)
+        assert "retry-after" in response.headers
+        assert client.get("/health").json() == {"status": "ok"}
+        response = client.post("/v1/completions", headers=auth("acme"),
+                               json={"model": "base", "prompt": "hi"})
+        assert_error(response, 503)
+        engine.ready = True
+        assert client.get("/ready").status_code == 200
+
+
+def test_request_id_is_returned_and_logged_without_the_prompt(
+        client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="loramux.access")
+    response = client.post("/v1/completions", headers={**auth("acme"), "X-Request-Id": "abc-1"},
+                           json={"model": "acme-a", "prompt": "TOP-SECRET-PROMPT"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "abc-1"
+    assert response.json()["id"] == "cmpl-abc-1"
+    generated = client.get("/health").headers["x-request-id"]
+    assert len(generated) == 32
+    lines = [r.getMessage() for r in caplog.records if r.name == "loramux.access"]
+    line = next(msg for msg in lines if msg.startswith("abc-1 "))
+    assert "POST /v1/completions 200" in line and "adapter=acme-a" in line
+    assert "tenant=acme" in line
+    assert all("TOP-SECRET" not in r.getMessage() for r in caplog.records)
+    # An unusable caller id is replaced.
+    assert client.get("/health", headers={"X-Request-Id": "bad id\n"}).headers[
+        "x-request-id"] != "bad id"
+
+
+# ============================================================================ responses
+
+
+def test_responses_are_counted_by_endpoint_and_status(client: TestClient) -> None:
+    client.post("/v1/completions", headers=auth("acme"), json={"model": "base", "prompt": "x"})
+    client.post("/v1/completions", headers=auth("acme"), json={"model": "zzz", "prompt": "x"})
+    client.get("/v1/models/whatever-name-1", headers=auth("acme"))
+    client.get("/some/random/path")
+    text = client.get("/metrics").text
+    assert 'loramux_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert 'loramux_requests_total{endpoint="/v1/completions",status="404"} 1.0' in text
+    assert 'loramux_requests_total{endpoint="/v1/models/{model}",status="404"} 1.0' in text
+    assert 'loramux_requests_total{endpoint="other",status="404"} 1.0' in text
+    assert 'loramux_request_finish_total{reason="length"} 1.0' in text
+    assert "whatever-name" not in text and "random" not in text
+
+
+def test_completion_shape_n_and_logprobs(client: TestClient) -> None:
+    body = client.post("/v1/completions", headers=auth("acme"), json={
+        "model": "acme-a", "prompt": ["ab", "c"], "n": 2, "max_tokens": 4, "logprobs": 1,
+        "echo": False}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"] == "acme" and c["finish_reason"] == "length" for c in body["choices"])
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == list("acme") and lp["text_offset"] == [0, 1, 2, 3]
+    assert lp["token_logprobs"] == [-0.5] * 4 and lp["top_logprobs"][0] == {"a": -0.5}
+
+
+def test_stream_framing_and_usage(client: TestClient) -> None:
+    response = client.post("/v1/completions", headers=auth("acme"), json={
+        "model": "base", "prompt": "hi", "max_tokens": 3, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "bas"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    # Chat: the first delta carries the role, the last one the finish reason.
+    response = client.post("/v1/chat/completions", headers=auth("acme"), json={
+        "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "stream": True})
+    chunks = [json.loads(e[6:]) for e in response.text.split("\n\n") if e and "[DONE]" not in e]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+# ============================================================================ admin
+
+
+def test_admin_off_without_token() -> None:
+    with make_client(admin_token=None) as client:
+        for method, path in (("GET", "/admin/adapters"), ("POST", "/v1/load_lora_adapter"),
+                             ("DELETE", "/admin/adapters/x")):
+            err = assert_error(client.request(method, path,
+                                              headers={"Authorization": "Bearer x"}), 404)
+            assert err["message"] == "Not Found"
+
+
+def test_admin_needs_the_admin_token(client: TestClient) -> None:
+    calls = [("GET", "/admin/adapters", None),
+             ("POST", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "a"}),
+             ("POST", "/v1/unload_lora_adapter", {"lora_name": "acme-a"}),
+             ("POST", "/admin/adapters", {"name": "a"}),
+             ("PUT", "/admin/adapters/a", None),
+             ("DELETE", "/admin/adapters/acme-a", None),
+             ("POST", "/admin/adapters/acme-a/pin", None),
+             ("POST", "/admin/adapters/acme-a/unpin", None)]
+    for method, path, body in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, auth("acme"),
+                        {"Authorization": ADMIN}):
+            err = assert_error(client.request(method, path, json=body, headers=headers), 401)
+            assert err["type"] == "authentication_error"
+    good = {"Authorization": f"Bearer {ADMIN}"}
+    assert client.get("/admin/adapters", headers=good).status_code == 200
+    response = client.post("/v1/unload_lora_adapter", headers=good, json={"lora_name": "acme-a"})
+    assert response.status_code == 200
+    assert response.text == "Success: LoRA adapter 'acme-a' removed successfully."
+    assert_error(client.post("/v1/unload_lora_adapter", headers=good,
+                             json={"lora_name": "acme-a"}), 404)
+
+
+def test_upload_limits(tmp_path: Path) -> None:
+    good = {"Authorization": f"Bearer {ADMIN}"}
+    with make_client(FakeEngine(root=tmp_path), max_upload_bytes=1000) as client:
+        files = {"adapter_config.json": ("adapter_config.json", b"{}"),
+                 "adapter_model.safetensors": ("adapter_model.safetensors", b"x" * 5000)}
+        err = assert_error(client.put("/admin/adapters/up", headers=good, files=files), 413)
+        assert "limit" in err["message"]
+        assert_error(client.put("/admin/adapters/up", headers=good, content=b"raw"), 415)
+        small = {"adapter_config.json": ("adapter_config.json", b"{}")}
+        err = assert_error(client.put("/admin/adapters/up", headers=good, files=small), 400)
+        assert "adapter_model.safetensors" in err["message"]
+        assert_error(client.put("/admin/adapters/..", headers=good, files=small), 404)
+        assert_error(client.put("/admin/adapters/bad%20name", headers=good, files=small), 400)
+        assert not any((tmp_path / ".uploads").glob("*"))  # nothing left behind
+
+
+# ============================================================================ live server
+
+
+def _live(fake: FakeEngine, **config: Any) -> LiveServer:
+    app = create_app(ServerConfig(admin_token=ADMIN, **config), fake, tenants=tenant_table())
+    return LiveServer(app)
+
+
+def _wait(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_client_disconnect_aborts_streaming_and_plain_requests() -> None:
+    engine = FakeEngine(delay=0.05, answer="x" * 200, max_len=1024)
+    with _live(engine) as server:
+        app_state = server.app.state.loramux
+        with httpx.stream("POST", server.url + "/v1/completions", headers=auth("acme"), json={
+                "model": "acme-a", "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        _wait(lambda: len(engine.aborted) == 1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", headers=auth("acme"), timeout=0.3,
+                       json={"model": "acme-a", "prompt": "hi", "max_tokens": 200})
+        _wait(lambda: len(engine.aborted) == 2)
+        _wait(lambda: app_state.limiter.in_flight == 0 and engine.running == 0)
+        assert engine.finished == []
+
+
+def test_queue_bound_503_and_concurrency_429_live() -> None:
+    engine = FakeEngine(delay=0.05, answer="x" * 100, max_len=1024)
+    config = {"engine": EngineConfig(max_num_seqs=1), "max_queue": 1}
+    with _live(engine, **config) as server:
+        body = {"model": "acme-a", "prompt": "hi", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                          headers=auth("slow")) as first:
+            first_lines = first.iter_lines()  # keep it: a dropped iterator closes the stream
+            next(first_lines)
+            over = httpx.post(server.url + "/v1/completions", headers=auth("slow"), json=body)
+            assert_error(over, 429)  # slow's max_concurrent is 1
+            with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                              headers=auth("acme")) as second:
+                second_lines = second.iter_lines()
+                next(second_lines)
+                full = httpx.post(server.url + "/v1/completions", headers=auth("acme"),
+                                  json=body)
+                assert_error(full, 503)
+                assert full.json()["error"]["code"] == "overloaded"
+                assert int(full.headers["retry-after"]) >= 1
