@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--log-prompts", action="store_true", default=False,
          help="log prompts and messages at DEBUG level (off by default)")
 
+    # Listed here for --help; main() hands its arguments to the load tester's own parser.
+    commands.add_parser("loadtest", help="load generator and benchmarks (loramux loadtest -h)",
+                        add_help=False)
+
     model = commands.add_parser("model", help="the embedded default model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     model_commands.add_parser("path", help="print where the converted default model lives")
@@ -185,6 +189,11 @@ def _serve(config: ServerConfig, log_level: str = "INFO") -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadtest"]:
+        from loramux.loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:], prog="loramux loadtest")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

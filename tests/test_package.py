@@ -89,3 +89,12 @@ def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None
     assert "NAME=PATH" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--quantization", "fp3"])
+
+
+def test_loadtest_is_a_loramux_subcommand() -> None:
+    exe = Path(sys.executable).with_name("loramux")
+    result = _run(str(exe), "loadtest", "--help", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: loramux loadtest")
+    for sub in ("run", "peft", "make-adapters", "load-adapters", "compare"):
+        assert sub in result.stdout
