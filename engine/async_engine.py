@@ -9,6 +9,13 @@ Threads and what they own:
   - outputs go back to each request's asyncio.Queue via loop.call_soon_threadsafe.
 A consumer that stops iterating (client disconnect, task cancelled) aborts its request, which
 frees its KV blocks and adapter reference at the next step boundary.
+
+Keep torch's parallel work on one thread. libgomp (PyTorch's OpenMP on Linux) gives every
+thread that runs a parallel op its own team of worker threads, and once the process holds more
+OpenMP threads than CPUs it stops letting workers spin between parallel regions: every small
+op then waits for futex wake-ups. On a 2-core machine that made decode steps 2-3x slower. So
+pass a factory (`AsyncEngine(lambda: LLMEngine.from_config(config))`): the model is then
+loaded by the step thread itself, and no other thread ever starts a team.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from loramux.adapters.types import AdapterRef
@@ -38,9 +45,14 @@ class AsyncEngine:
     page in (nothing could be scheduled), before it tries again.
     """
 
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.002) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
+                 idle_wait_s: float = 0.002) -> None:
+        # With a factory, `engine` is set by the step thread before start() returns.
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # type: ignore[assignment]
         self.idle_wait_s = idle_wait_s
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -48,8 +60,13 @@ class AsyncEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
 
-    def start(self) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        """Start the step thread; with a factory, return once it has built the engine (and
+        raise what the factory raised)."""
         self._thread.start()
+        self._started.wait(timeout)
+        if self._start_error is not None:
+            raise self._start_error
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop (requests still queued are aborted)."""
@@ -102,6 +119,14 @@ class AsyncEngine:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:
+            if self._factory is not None:
+                self.engine = self._factory()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
         while not self._stopping:
             self._wake.clear()  # before draining: a command sent after this wakes the wait
             self._drain_inbox()
@@ -110,7 +135,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bug or device error: fail every request, keep serving
+            except Exception as exc:  # a bug or a device error: fail all requests, keep serving
                 log.exception("engine step failed; failing all running requests")
                 self._fail_all(exc)
                 continue
@@ -128,7 +153,7 @@ class AsyncEngine:
                 seq: Sequence = arg
                 try:
                     self.engine.add_sequence(seq)
-                except Exception as exc:
+                except ValueError as exc:  # a request id already in use
                     self._deliver_error(seq.request_id, exc)
             else:
                 self.engine.abort(arg)

@@ -31,7 +31,8 @@ class DecodeGroup:
     """Every sequence of the step with exactly one query row, padded to the longest context."""
 
     rows: torch.Tensor | None  # int64 [Bd] flat query rows; None: rows 0..T-1 in order (all)
-    ctx_index: torch.Tensor  # int64 [Bd * Lmax] flat cache rows of each context, pad -> row 0
+    ctx_index: torch.Tensor  # int64 [Bd * Lmax] flat cache rows of each context; pad: row 0
+    # (row 0 of block 0, the KV cache's all-zero null block: masked, but finite)
     mask: torch.Tensor | None  # bool [Bd, 1, 1, Lmax] True = attend; None: no padding
     num_seqs: int
     max_len: int

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from loramux.adapters.types import AdapterNotFound, AdapterRef, AdapterSource, BaseSpec
 from loramux.engine.attention import paged_attention_torch
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.kv_cache import KVCache
-from loramux.engine.lora import GatherLora, KernelLora, LoraBackend
+from loramux.engine.lora import KernelLora, LoraBackend
+from loramux.engine.lora_cpu import GatherLora
 from loramux.engine.model import ModelRunner, check_supported, load_hf_model
-from loramux.engine.request import RequestOutput, Sequence, SeqStatus
+from loramux.engine.request import RequestOutput, SeqStatus, Sequence
 from loramux.engine.sampler import Sampler, SamplerOutput, SamplingState
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import Scheduler, SchedulerOutput
@@ -77,10 +77,12 @@ class LLMEngine:
             model, self.kv, lora, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_lora_rank=adapters.tables.max_rank if adapters is not None else 1,
-            max_model_len=config.max_model_len, attention=_attention_backend(device))
+            max_model_len=min(config.max_model_len or shape.max_model_len,
+                              self.kv.capacity_tokens),
+            attention=_attention_backend(device))
         # A sequence never outgrows the context length nor the whole KV cache, so the oldest
         # running sequence can always make progress (it may preempt all others).
-        self.max_seq_len = min(self.runner.shape.max_model_len, self.kv.capacity_tokens)
+        self.max_seq_len = self.runner.shape.max_model_len
         self.vocab = self.runner.shape.vocab
         self.scheduler = Scheduler(self.kv.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens, adapters)
@@ -232,6 +234,13 @@ class LLMEngine:
             return delta
         can_stop = seq.num_output_tokens >= seq.params.min_tokens
         update = seq.stop.feed(delta, can_stop=can_stop)
+        # Text in which a stop completing in this delta lies whole: which stop was it?
+        window = seq.stop_window + delta
+        if update.stopped:
+            ends = [(window.find(s) + len(s), s) for s in seq.params.stop if s in window]
+            seq.stop_reason = min(ends)[1] if ends else None
+        longest = max(len(s) for s in seq.params.stop)
+        seq.stop_window = window[len(window) - longest + 1:] if longest > 1 else ""
         return update.text
 
     def _flush_text(self, seq: Sequence) -> str:
@@ -280,6 +289,8 @@ class LLMEngine:
         while any(not m or not m[-1].finished for m in merged.values()):
             for out in self.step():
                 merged[out.request_id].append(out)
+            if self.last_step_tokens == 0:
+                time.sleep(0.001)  # every queued request waits for an adapter page-in
         return [merge_outputs(merged[rid]) for rid in ids]
 
 

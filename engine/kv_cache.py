@@ -20,19 +20,19 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Hands out KV block ids in [0, num_blocks).
+    """Hands out KV block ids in [first_id, first_id + num_blocks).
 
     Invariants: every id is either in the free list or owned by exactly one sequence; `allocate`
     never returns an id twice before it is freed; `free` of an id that is already free is an
     error (it would let two sequences write the same rows).
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, first_id: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._is_free = [True] * num_blocks
+        self._free: deque[int] = deque(range(first_id, first_id + num_blocks))
+        self._is_free = [False] * first_id + [True] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -64,21 +64,24 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Key and value tensors of every layer, `[L, num_blocks, block_size, nKV, D]` each.
+    """Key and value tensors of every layer, `[L, 1 + num_blocks, block_size, nKV, D]` each.
 
-    Zero-initialised: the torch attention path gathers padded positions from row 0 and masks
-    them, and a masked position must still hold a finite value (0 * NaN would poison a row).
-    Rows of freed blocks keep their old (finite) values until overwritten.
+    Block 0 is the null block: never allocated, all zeros. Padded positions of the torch
+    attention path read it (they are masked, but a masked value must still be finite: 0 * NaN
+    would poison the row). Every other row is written before it is read, so the rest of the
+    cache is left uninitialised, and on the CPU its memory is committed only as it is used.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, 1 + num_blocks, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, bs, nKV, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, bs, nKV, D]
-        self.allocator = BlockAllocator(num_blocks)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, 1 + NB, bs, nKV, D]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, 1 + NB, bs, nKV, D]
+        self.k[:, 0].zero_()
+        self.v[:, 0].zero_()
+        self.allocator = BlockAllocator(num_blocks, first_id=1)
 
     @property
     def capacity_tokens(self) -> int:

@@ -17,36 +17,18 @@ Segment metadata, worked example. Four sequences in batch order, grouped by slot
 Backends, chosen once at load time:
   - `KernelLora` calls sgmv_shrink / sgmv_expand on the registry's pool for every segment
     (Triton on CUDA). It is the contract.
-  - `GatherLora` (CPU) is a BGMV form for short segments (decode): each row gathers its own
-    adapter's A and B^T rows from a per-slot copy kept by the engine, in one index_select per
-    projection for the whole batch, and applies them with two batched matmuls, so a step with
-    32 adapters costs 4 ops per projection instead of 64 small matmuls. Rows beyond a slot's
-    rank point to an all-zero row, so memory traffic is proportional to each adapter's rank.
-    Long segments (prefill) go to the kernels, which read their adapter once per segment.
+  - `GatherLora` (CPU, lora_cpu.py) is a BGMV form for short segments (decode) over stacked
+    copies of the adapters, and these kernels for long segments (prefill).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-
-from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
+from loramux.adapters.types import AdapterRef, LoraTables
 from loramux.kernels import sgmv_expand, sgmv_shrink
-
-BGMV_MAX_SEGMENT_ROWS = 4  # GatherLora: segments longer than this go to the SGMV kernels
-
-
-@dataclass(frozen=True)
-class GatherPlan:
-    """GatherLora's per-step index: which rows gather, and from which stack rows."""
-
-    rows: torch.Tensor | None  # int64 [Tb] rows of short adapter segments; None: all T rows
-    num_rows: int  # Tb
-    rank: int  # R: the largest rank of any (layer, module, slot) gathered this step
-    index: torch.Tensor  # int64 [L, M, Tb * R] stack row per (row, rank position)
-    active: list[list[bool]]  # [L][M] some gathered row has rank > 0 there
 
 
 class LoraMeta:
@@ -70,7 +52,7 @@ class LoraMeta:
         self.active = False  # some row has an adapter
         self.sgmv_active = False  # some segment goes to the kernels (GatherLora: long ones)
         self.segments: list[tuple[int, int, int]] = []  # (start, end, slot), host copy
-        self.gather: GatherPlan | None = None
+        self.plan: Any = None  # a backend's own per-step plan (GatherLora: its BGMV indices)
 
     def fill(self, segments: list[tuple[int, int, int]], sgmv_min_rows: int = 0) -> None:
         """Load (start, end, slot) segments in row order; segments of at least sgmv_min_rows
@@ -87,7 +69,7 @@ class LoraMeta:
         self.segments = segments
         self.active = any(s >= 0 for s in slots)
         self.sgmv_active = any(s >= 0 for s in sgmv)
-        self.gather = None
+        self.plan = None
 
     @property
     def seg_starts(self) -> torch.Tensor:
@@ -105,13 +87,30 @@ class LoraMeta:
         return self._shrink[:rows]  # float32 [T, R_max]
 
 
+@dataclass(frozen=True)
+class SlotGroup:
+    """The rows of one adapter slot in a step (slot -1: the base model, ref None)."""
+
+    slot: int
+    ref: AdapterRef | None
+    num_rows: int
+
+
+def segments_in_order(groups: list[SlotGroup], order: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, slot) of each group when the groups are laid out in `order`."""
+    segments, row = [], 0
+    for i in order:
+        segments.append((row, row + groups[i].num_rows, groups[i].slot))
+        row += groups[i].num_rows
+    return segments
+
+
 class LoraBackend(Protocol):
     """How the runner applies LoRA to one projection's output, in place."""
 
-    def prepare(self, slots: dict[int, AdapterRef], segments: list[tuple[int, int, int]],
-                meta: LoraMeta) -> None:
-        """Before a step: make `slots` (slot -> the adapter it holds now) usable and fill `meta`
-        with the step's (start, end, slot) segments."""
+    def prepare(self, groups: list[SlotGroup], meta: LoraMeta) -> list[int]:
+        """Before a step: make the groups' adapters usable, choose the order of the groups in
+        the flat batch (returned as indices into `groups`) and fill `meta` for that order."""
         ...
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, layer: int,
@@ -142,127 +141,11 @@ class KernelLora:
     def __init__(self, tables: LoraTables) -> None:
         self.tables = tables
 
-    def prepare(self, slots: dict[int, AdapterRef], segments: list[tuple[int, int, int]],
-                meta: LoraMeta) -> None:
-        meta.fill(segments)  # the registry's tables are the kernels' input: nothing to copy
+    def prepare(self, groups: list[SlotGroup], meta: LoraMeta) -> list[int]:
+        order = list(range(len(groups)))  # the tables are the kernels' input: nothing to copy
+        meta.fill(segments_in_order(groups, order))
+        return order
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, layer: int,
               module: int) -> None:
         lora_apply(x, out, meta, self.tables, layer, module)
-
-
-class GatherLora:
-    """CPU LoRA: BGMV by gather for short segments, the kernels for long ones.
-
-    Keeps, per (layer, module), a copy of each slot's A rows ([r, in]) and scaled B^T rows
-    ([r, out], scale folded in) at rows slot * R_cap .. slot * R_cap + r - 1 of one stack, plus
-    a final all-zero row. Invariant: `owner[s]` is the adapter whose weights stack rows of slot
-    s hold; `prepare` re-copies a slot whenever the adapter holding it changed (a slot is only
-    reused by the registry after every reference to its old adapter was released, and the
-    engine holds a reference to every adapter it runs, so a copy is never stale while in use).
-    """
-
-    def __init__(self, tables: LoraTables, base: BaseSpec) -> None:
-        self.tables = tables
-        self.base = base
-        self.num_layers = base.num_layers
-        self.num_slots = int(tables.ranks.shape[2])
-        self.dims = [base.shapes[m] for m in MODULES]  # (in, out) per module
-        self.owner: list[AdapterRef | None] = [None] * self.num_slots
-        self.rank_cap = 0
-        self.ranks = torch.zeros(self.num_layers, len(MODULES), self.num_slots,
-                                 dtype=torch.int64)  # [L, M, S] ranks of the copies
-        self.a_stack: list[list[torch.Tensor]] = []  # [L][M] -> [S * R_cap + 1, in]
-        self.bt_stack: list[list[torch.Tensor]] = []  # [L][M] -> [S * R_cap + 1, out]
-
-    @property
-    def zero_row(self) -> int:
-        return self.num_slots * self.rank_cap
-
-    def prepare(self, slots: dict[int, AdapterRef], segments: list[tuple[int, int, int]],
-                meta: LoraMeta) -> None:
-        meta.fill(segments, sgmv_min_rows=BGMV_MAX_SEGMENT_ROWS + 1)
-        stale = {s: ref for s, ref in slots.items() if self.owner[s] != ref}
-        if stale:
-            need = max(int(self.tables.ranks[:, :, s].max()) for s in stale)
-            if need > self.rank_cap:
-                self._grow(need)  # drops every copy: re-copy all slots of this step
-                stale = dict(slots)
-            for slot, ref in stale.items():
-                self._copy_slot(slot, ref)
-        meta.gather = self._plan(meta)
-
-    def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, layer: int,
-              module: int) -> None:
-        plan = meta.gather
-        if plan is not None and plan.active[layer][module]:
-            n, r = plan.num_rows, plan.rank
-            xb = x if plan.rows is None else x.index_select(0, plan.rows)  # [Tb, in]
-            index = plan.index[layer, module]  # [Tb * R]
-            a = self.a_stack[layer][module].index_select(0, index).view(n, r, -1)  # [Tb, R, in]
-            v = torch.bmm(a, xb.unsqueeze(2))  # [Tb, R, 1]
-            bt = self.bt_stack[layer][module].index_select(0, index).view(n, r, -1)  # [Tb, R, out]
-            delta = torch.bmm(v.transpose(1, 2), bt).squeeze(1)  # [Tb, out]
-            if plan.rows is None:
-                out += delta
-            else:
-                out.index_add_(0, plan.rows, delta)
-        if meta.sgmv_active:
-            lora_apply(x, out, meta, self.tables, layer, module, meta.sgmv_slots)
-
-    # ------------------------------------------------------------------ internals
-
-    def _grow(self, rank: int) -> None:
-        """Reallocate every stack for ranks up to `rank` (rare: the first adapter of a new max)."""
-        self.rank_cap = rank
-        rows = self.num_slots * rank + 1
-        pool = self.tables.pool
-        self.a_stack = [[pool.new_zeros(rows, i) for i, _ in self.dims]
-                        for _ in range(self.num_layers)]
-        self.bt_stack = [[pool.new_zeros(rows, o) for _, o in self.dims]
-                         for _ in range(self.num_layers)]
-        self.owner = [None] * self.num_slots
-        self.ranks.zero_()
-
-    def _copy_slot(self, slot: int, ref: AdapterRef) -> None:
-        t = self.tables
-        pool = t.pool
-        ranks = t.ranks[:, :, slot].tolist()
-        a_off = t.a_offsets[:, :, slot].tolist()
-        b_off = t.b_offsets[:, :, slot].tolist()
-        scales = t.scales[:, :, slot].tolist()
-        row = slot * self.rank_cap
-        for layer in range(self.num_layers):
-            for m, (in_f, out_f) in enumerate(self.dims):
-                r = ranks[layer][m]
-                if r == 0:
-                    continue
-                a = pool[a_off[layer][m]: a_off[layer][m] + r * in_f].view(r, in_f)
-                b = pool[b_off[layer][m]: b_off[layer][m] + out_f * r].view(out_f, r)
-                self.a_stack[layer][m][row: row + r] = a
-                self.bt_stack[layer][m][row: row + r] = (b.float() * scales[layer][m]).T
-        self.ranks[:, :, slot] = torch.tensor(ranks, dtype=torch.int64)
-        self.owner[slot] = ref
-
-    def _plan(self, meta: LoraMeta) -> GatherPlan | None:
-        rows: list[int] = []
-        row_slots: list[int] = []
-        for start, end, slot in meta.segments:
-            if slot >= 0 and end - start <= BGMV_MAX_SEGMENT_ROWS:
-                rows.extend(range(start, end))
-                row_slots.extend([slot] * (end - start))
-        if not rows:
-            return None
-        slots = torch.tensor(row_slots, dtype=torch.int64)  # [Tb]
-        ranks = self.ranks[:, :, slots]  # [L, M, Tb]
-        rank = max(int(ranks.max()), 1)
-        j = torch.arange(rank)  # [R]
-        index = torch.where(j < ranks.unsqueeze(-1), (slots * self.rank_cap)[:, None] + j,
-                            self.zero_row)  # [L, M, Tb, R]
-        return GatherPlan(
-            rows=None if len(rows) == meta.num_tokens else torch.tensor(rows, dtype=torch.int64),
-            num_rows=len(rows),
-            rank=rank,
-            index=index.reshape(self.num_layers, len(MODULES), -1),
-            active=(ranks.amax(dim=-1) > 0).tolist(),
-        )

@@ -16,15 +16,14 @@ Each projection is `module(x)` then `lora.apply(x, out, ...)` when the step has 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
-from loramux.adapters.types import MODULES, AdapterRef
+from loramux.adapters.types import MODULES
 from loramux.engine.attention import (
     AttentionMetadata,
     build_metadata,
@@ -33,8 +32,9 @@ from loramux.engine.attention import (
 )
 from loramux.engine.config import EngineConfig
 from loramux.engine.kv_cache import KVCache
-from loramux.engine.lora import LoraBackend, LoraMeta
+from loramux.engine.lora import LoraBackend, LoraMeta, SlotGroup
 from loramux.engine.scheduler import ScheduledSeq
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def check_supported(config: Any) -> ModelShape:
                                f"{', '.join(_STATIC_ROPE_TYPES)})")
     heads = int(config.num_attention_heads)
     max_len = int(config.max_position_embeddings)
-    window = getattr(config, "sliding_window", None)
+    window: int | None = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    windowed = window is not None and (model_type == "mistral" or "sliding_attention" in layer_types)
-    if windowed and window < max_len:
+    windowed = model_type == "mistral" or "sliding_attention" in layer_types
+    if windowed and window is not None and window < max_len:
         log.warning("sliding window %d < max_position_embeddings %d: capping the context "
                     "length at the window", window, max_len)
         max_len = int(window)
@@ -136,9 +136,8 @@ class ModelRunner:
                  attention: AttentionFn = paged_attention_torch) -> None:
         self.shape = check_supported(hf_model.config)
         if max_model_len is not None:
-            self.shape = ModelShape(**{**self.shape.__dict__,
-                                       "max_model_len": min(max_model_len,
-                                                            self.shape.max_model_len)})
+            self.shape = dataclasses.replace(
+                self.shape, max_model_len=min(max_model_len, self.shape.max_model_len))
         inner = hf_model.model
         self.embed: nn.Module = inner.embed_tokens
         self.norm: nn.Module = inner.norm
@@ -171,27 +170,25 @@ class ModelRunner:
             q_norm=attn.q_norm if qwen3 else None, k_norm=attn.k_norm if qwen3 else None)
 
     def prepare_adapters(self, scheduled: list[ScheduledSeq]) -> None:
-        """Segment the step by adapter slot and let the LoRA backend make those slots usable.
+        """Let the LoRA backend make the step's adapters usable and order the slot groups.
 
-        `scheduled` is grouped by slot already (the scheduler sorts it), so each slot is one
-        segment.
+        `scheduled` comes grouped by slot (the scheduler sorts it); the backend may reorder
+        whole groups (GatherLora lays decode groups out in the order of its stacks), and
+        `scheduled` is rearranged in place to match, so each slot stays one segment.
         """
         if self.lora is None or self.lora_meta is None:
             return
-        segments: list[tuple[int, int, int]] = []
-        slots: dict[int, AdapterRef] = {}
-        row = 0
+        groups: list[list[ScheduledSeq]] = []
         for s in scheduled:
-            slot = s.seq.slot_key
-            if segments and segments[-1][2] == slot:
-                segments[-1] = (segments[-1][0], row + s.num_tokens, slot)
+            if groups and groups[-1][0].seq.slot_key == s.seq.slot_key:
+                groups[-1].append(s)
             else:
-                segments.append((row, row + s.num_tokens, slot))
-            if slot >= 0:
-                assert s.seq.adapter is not None
-                slots[slot] = s.seq.adapter
-            row += s.num_tokens
-        self.lora.prepare(slots, segments, self.lora_meta)
+                groups.append([s])
+        order = self.lora.prepare(
+            [SlotGroup(g[0].seq.slot_key, g[0].seq.adapter if g[0].seq.slot_key >= 0 else None,
+                       sum(s.num_tokens for s in g)) for g in groups],
+            self.lora_meta)
+        scheduled[:] = [s for i in order for s in groups[i]]
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Forward the step's tokens; float32 logits [B, V] of the sampling sequences, in order."""
@@ -275,9 +272,8 @@ def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     """(model, tokenizer) for config.model (None: the embedded default model), on the
     configured device and dtype, quantized with bitsandbytes if asked. The architecture is
     checked before any weight is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from loramux.engine.default_model import ensure_default_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = config.model if config.model is not None else str(ensure_default_model())
     check_supported(AutoConfig.from_pretrained(path))
@@ -294,7 +290,7 @@ def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.quantization == "none":
-        model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

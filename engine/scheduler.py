@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from loramux.adapters.types import AdapterError, AdapterNotFound, AdapterSource
 from loramux.engine.kv_cache import BlockAllocator, blocks_for
-from loramux.engine.request import Sequence, SeqStatus
+from loramux.engine.request import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -228,9 +228,11 @@ class LocalEngineClient:
         evictions: dict[str, int] = {}
         load_latency = page_in_latency = (0, 0.0)
         max_lora = self.config.registry.max_gpu_adapters
+        references = 0
         if registry is not None:
             for row in registry.list():
                 tiers[row.tier] = tiers.get(row.tier, 0) + 1
+                references += row.refcount
             running = _unique(ref.name for ref in registry.resident())
             resident = set(running)
             waiting = [n for n in _unique(ref.name for ref in registry.waiting())
@@ -249,7 +251,8 @@ class LocalEngineClient:
             max_lora=max_lora, running_adapters=running, waiting_adapters=waiting,
             adapters_per_tier=tiers, adapter_loads=loads, adapter_page_ins=page_ins,
             adapter_evictions=evictions, adapter_load_seconds=load_latency,
-            adapter_page_in_seconds=page_in_latency, timestamp=now,
+            adapter_page_in_seconds=page_in_latency, adapter_references=references,
+            preemptions=int(engine_stats.num_preemptions), timestamp=now,
         )
 
     # ------------------------------------------------------------------ adapters

@@ -62,6 +62,8 @@ class RuntimeStats:
     adapter_evictions: dict[str, int] = field(default_factory=dict)  # tier -> count
     adapter_load_seconds: tuple[int, float] = (0, 0.0)  # (count, sum)
     adapter_page_in_seconds: tuple[int, float] = (0, 0.0)  # (count, sum)
+    adapter_references: int = 0  # references held by queued and running requests
+    preemptions: int = 0  # sequences preempted (KV freed, recomputed later) so far
     timestamp: float = 0.0  # unix time the snapshot was taken
 
 
@@ -113,6 +115,15 @@ class _RuntimeCollector(Collector):
         yield gauge("loramux_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.",
                     s.kv_cache_usage)
         yield gauge("loramux_max_lora", "Accelerator adapter slots.", s.max_lora)
+        # Both fall back to 0 when idle: a leak of either shows as a non-zero idle value.
+        yield gauge("loramux_adapter_references",
+                    "Adapter references held by running requests (0 when idle).",
+                    s.adapter_references)
+        preemptions = CounterMetricFamily(
+            "loramux_num_preemptions",
+            "Sequences preempted for lack of KV cache blocks (recomputed later).")
+        preemptions.add_metric([], s.preemptions)
+        yield preemptions
 
         tiers = GaugeMetricFamily("loramux_adapters", "Adapters per memory tier.",
                                   labels=["tier"])

@@ -1,0 +1,260 @@
+"""Greedy equivalence with PEFT, float32 on the CPU: every request of a mixed batch gives exactly
+the tokens PeftModel.generate gives with that adapter alone (base requests: the base model).
+
+Scenarios: all adapters and base requests in one batch (both LoRA backends); requests that
+arrive while others decode, with chunked prefill; a KV budget so small that sequences are
+preempted and recomputed; fewer adapter slots than adapters (requests wait for page-ins);
+and the same on a bitsandbytes nf4 base (PEFT on the very same quantized modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from adapter_factory import base_spec
+from engine_helpers import (
+    ADAPTERS,
+    MAX_NEW,
+    deep,
+    greedy,
+    make_adapters,
+    peft_greedy,
+    peft_model,
+    prompts,
+    tiny_config,
+    tiny_model,
+)
+from loramux.adapters import AdapterRegistry, RegistryConfig
+from loramux.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+NAMES: list[str | None] = [*ADAPTERS, None]
+
+Case = tuple[list[int], str | None]  # (prompt, adapter)
+
+
+def _cases(seed: int, per_adapter: int = 2, names: list[str | None] = NAMES) -> list[Case]:
+    ps = prompts(per_adapter * len(names), seed=seed)
+    return [(p, names[i % len(names)]) for i, p in enumerate(ps)]
+
+
+def _registry(cfg: Any, paths: dict[str, Path], slots: int) -> AdapterRegistry:
+    reg = AdapterRegistry(
+        RegistryConfig(adapters=tuple(paths.items()), max_gpu_adapters=slots,
+                       max_cpu_adapters=max(slots, len(paths)), max_lora_rank=64),
+        base_spec(cfg), "cpu", torch.float32)
+    reg.start()
+    return reg
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    cfg = tiny_config()
+    base = tiny_model(cfg)
+    paths = make_adapters(tmp_path_factory.mktemp("adapters"), cfg)
+    pm = peft_model(deep(base), paths)
+    reg = _registry(cfg, paths, slots=len(paths))
+    refs: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
+
+    def reference(prompt: list[int], adapter: str | None) -> list[int]:
+        key = (tuple(prompt), adapter)
+        if key not in refs:
+            refs[key] = peft_greedy(pm, adapter, prompt)
+        return refs[key]
+
+    yield {"cfg": cfg, "base": base, "paths": paths, "reg": reg, "ref": reference}
+    reg.close()
+
+
+def _check(outputs: dict[str, RequestOutput], cases: dict[str, Case], reference: Any) -> None:
+    for rid, (prompt, adapter) in cases.items():
+        assert outputs[rid].finished
+        assert outputs[rid].token_ids == reference(prompt, adapter), (rid, adapter)
+
+
+def _run(engine: LLMEngine, cases: dict[str, Case], arrivals: dict[int, list[str]] | None = None,
+         ) -> dict[str, RequestOutput]:
+    """Queue cases (all at once, or at the given step numbers) and step until all finish."""
+    pending = arrivals or {0: list(cases)}
+    tokens: dict[str, list[int]] = {rid: [] for rid in cases}
+    finals: dict[str, RequestOutput] = {}
+    step, deadline = 0, time.monotonic() + 120
+    while pending or engine.has_unfinished():
+        for rid in pending.pop(step, []):
+            engine.add_request(rid, cases[rid][0], GREEDY, cases[rid][1])
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finals[out.request_id] = out
+        if engine.last_step_tokens == 0:
+            time.sleep(0.002)  # everything queued waits for an adapter page-in
+        step += 1
+        assert time.monotonic() < deadline, "the engine stopped making progress"
+    return {rid: dataclasses.replace(finals[rid], token_ids=tokens[rid]) for rid in cases}
+
+
+def test_every_adapter_changes_the_base_output(setup: dict[str, Any]) -> None:
+    """Guard against a test that passes because adapters do nothing."""
+    prompt = prompts(1, seed=3)[0]
+    base = setup["ref"](prompt, None)
+    assert all(setup["ref"](prompt, name) != base for name in ADAPTERS)
+
+
+@pytest.mark.parametrize("backend", ["gather", "kernels"])
+def test_all_adapters_and_base_share_one_batch(setup: dict[str, Any], backend: str) -> None:
+    engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=64, kv_cache_tokens=4096,
+                                                   block_size=4),
+                       adapters=setup["reg"], lora_backend=backend)
+    cases = {f"r{i}": c for i, c in enumerate(_cases(seed=1))}
+    _check(_run(engine, cases), cases, setup["ref"])
+    assert engine.kv.allocator.num_used == 0
+
+
+def test_requests_arrive_while_others_decode_with_chunked_prefill(setup: dict[str, Any]) -> None:
+    """New requests join every few steps; a 16-token budget chunks prompts and mixes chunks
+    with decodes of other adapters in one step."""
+    engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=8, max_num_batched_tokens=16,
+                                                   kv_cache_tokens=4096, block_size=4),
+                       adapters=setup["reg"])
+    cases = {f"s{i}": c for i, c in enumerate(_cases(seed=2))}
+    arrivals: dict[int, list[str]] = {}
+    for i, rid in enumerate(cases):
+        arrivals.setdefault(3 * (i // 2), []).append(rid)
+    _check(_run(engine, cases, arrivals), cases, setup["ref"])
+
+
+def test_small_kv_budget_preempts_and_recomputes(setup: dict[str, Any]) -> None:
+    # 30 tokens each at most (prompt <= 20 + 12 new) in 64 tokens of KV: only two fit at once.
+    engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=16, kv_cache_tokens=64,
+                                                   block_size=4),
+                       adapters=setup["reg"])
+    cases = {f"p{i}": c for i, c in enumerate(_cases(seed=4, per_adapter=1))}
+    _check(_run(engine, cases), cases, setup["ref"])
+    assert engine.scheduler.stats.preemptions > 0
+    assert engine.kv.allocator.num_used == 0
+    assert all(info.refcount == 0 for info in setup["reg"].list())
+
+
+def test_more_adapters_than_slots_wait_and_match(setup: dict[str, Any]) -> None:
+    """Three device slots for ten adapters: requests wait for page-ins while others run."""
+    reg = _registry(setup["cfg"], setup["paths"], slots=3)
+    try:
+        engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=32, kv_cache_tokens=4096,
+                                                       block_size=4), adapters=reg)
+        cases = {f"w{i}": c for i, c in enumerate(_cases(seed=5))}
+        _check(_run(engine, cases), cases, setup["ref"])
+        assert engine.scheduler.stats.adapter_waits > 0
+        assert all(info.refcount == 0 for info in reg.list())
+    finally:
+        reg.close()
+
+
+# ---------------------------------------------------------------------- nf4 base
+
+NF4_ADAPTERS = ["r4-attn", "r8-mlp", "r64-all", "r8-rslora", "r8-rank-pattern",
+                "r16-alpha-pattern"]
+NEAR_TIE = 0.05  # logit gap below which bf16 activation rounding may flip a greedy choice
+
+
+def _quantize(folder: Path, packed: bool) -> Any:
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32)).eval()
+    if not packed:
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.fixture(scope="module", params=["dequant", "packed"])
+def nf4(request: pytest.FixtureRequest, setup: dict[str, Any],
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One nf4 quantization of the tiny base, shared by loramux and PEFT.
+
+    "dequant": bitsandbytes dequantizes nf4 to float32 and multiplies in float32 (exact
+    comparison). "packed": its default on CPUs with AVX512-BF16, which repacks the weights at
+    the first forward and multiplies with activations rounded to bfloat16; a 1e-7 difference
+    in an activation can then move a logit by ~1e-3, so PEFT's own incremental and full
+    forwards disagree at near-ties, and so may we.
+
+    The engine is built first (it keeps references to the Linear4bit modules), then PEFT wraps
+    the same modules before anything runs (PEFT wrapping an already repacked Linear4bit breaks
+    it).
+    """
+    from peft import PeftModel
+
+    folder = tmp_path_factory.mktemp("nf4-base")
+    setup["base"].save_pretrained(folder)
+    quantized = _quantize(folder, packed=request.param == "packed")
+    paths = {name: setup["paths"][name] for name in NF4_ADAPTERS}
+    reg = _registry(setup["cfg"], paths, slots=len(paths))
+    engine_kv = {"max_num_seqs": 32, "block_size": 4}
+    engines = {
+        "batch": LLMEngine(quantized, EngineConfig(kv_cache_tokens=4096, **engine_kv),
+                           adapters=reg),
+        "preempt": LLMEngine(quantized, EngineConfig(kv_cache_tokens=64, **engine_kv),
+                             adapters=reg),
+    }
+    pm = PeftModel.from_pretrained(quantized, str(paths[NF4_ADAPTERS[0]]),
+                                   adapter_name=NF4_ADAPTERS[0])
+    for name in NF4_ADAPTERS[1:]:
+        pm.load_adapter(str(paths[name]), adapter_name=name)
+    pm.eval()
+    yield {"mode": request.param, "engines": engines, "pm": pm, "fp32": setup["ref"]}
+    reg.close()
+
+
+def _first_near_tie(pm: Any, adapter: str | None, prompt: list[int], ref: list[int]) -> int:
+    """Index of the first generated token where PEFT's own top-2 logit gap < NEAR_TIE."""
+    ids = torch.tensor([prompt + ref])
+    with torch.inference_mode():
+        if adapter is None:
+            with pm.disable_adapter():
+                logits = pm(input_ids=ids).logits[0]
+        else:
+            pm.set_adapter(adapter)
+            logits = pm(input_ids=ids).logits[0]
+    top = logits[len(prompt) - 1: len(prompt) - 1 + len(ref)].topk(2, dim=-1).values
+    gaps = (top[:, 0] - top[:, 1]).tolist()
+    return next((i for i, gap in enumerate(gaps) if gap < NEAR_TIE), len(ref))
+
+
+@pytest.mark.parametrize("scenario", ["batch", "preempt"])
+def test_nf4_base_matches_peft_on_the_same_nf4_base(nf4: dict[str, Any], scenario: str) -> None:
+    engine = nf4["engines"][scenario]
+    names: list[str | None] = [*NF4_ADAPTERS, None]
+    cases = {f"q{i}": c for i, c in enumerate(_cases(seed=6, names=names))}
+    outputs = _run(engine, cases)
+    exact = 0
+    for rid, (prompt, adapter) in cases.items():
+        ref = peft_greedy(nf4["pm"], adapter, prompt)
+        got = outputs[rid].token_ids
+        if nf4["mode"] == "dequant":
+            assert got == ref, (rid, adapter)
+        else:  # equal up to PEFT's own first near-tie
+            n = _first_near_tie(nf4["pm"], adapter, prompt, ref)
+            assert got[:n] == ref[:n], (rid, adapter)
+        exact += got == ref
+    assert exact >= 0.75 * len(cases)
+    if scenario == "preempt":
+        assert engine.scheduler.stats.preemptions > 0
+    assert engine.kv.allocator.num_used == 0
+
+
+def test_nf4_is_really_quantized(nf4: dict[str, Any]) -> None:
+    """The nf4 path must not silently be the float32 one: outputs differ somewhere."""
+    cases = _cases(seed=6, names=[None])
+    with nf4["pm"].disable_adapter():
+        quantized = [greedy(nf4["pm"], p) for p, _ in cases]
+    assert any(q != nf4["fp32"](p, None) for q, (p, _) in zip(quantized, cases))
