@@ -64,15 +64,22 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+def bearer_is(request: Request, token: str | None) -> bool:
+    """Whether the request's `Authorization: Bearer` token equals `token` (constant time)."""
+    if token is None:
+        return False
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    # Digests first, so compare_digest sees equal lengths whatever was sent.
+    valid = hmac.compare_digest(_digest(presented.strip()), _digest(token))
+    return scheme.lower() == "bearer" and valid
+
+
 async def require_admin(request: Request) -> None:
     """404 when admin is off; 401 unless the bearer token equals the admin token."""
     token: str | None = _state(request).config.admin_token
     if token is None:
         raise APIError(404, "Not Found")
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    # Digests first, so compare_digest sees equal lengths whatever was sent.
-    valid = hmac.compare_digest(_digest(presented.strip()), _digest(token))
-    if scheme.lower() != "bearer" or not valid:
+    if not bearer_is(request, token):
         raise APIError(401, "Invalid or missing admin token.", code="invalid_admin_token")
     request.state.tenant = "admin"
 

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from loramux.adapters.types import AdapterError, AdapterNotFound
 from loramux.engine.sampling_params import SamplingParams
-from loramux.server.admin import build_admin_router
+from loramux.server.admin import bearer_is, build_admin_router
 from loramux.server.config import ServerConfig
 from loramux.server.engine_client import (
     EngineClient,
@@ -44,6 +44,7 @@ from loramux.server.errors import (
 from loramux.server.limits import Admission, Limiter
 from loramux.server.logging import RequestIdMiddleware
 from loramux.server.metrics import ServerMetrics
+from loramux.server.openapi import install_openapi
 from loramux.server.openai_schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -253,6 +254,9 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         log.info("API keys: %d tenants loaded from %s", len(table.tenants), config.api_keys)
     if config.admin_token is None:
         log.info("admin API off (no --admin-token)")
+    if config.metrics_token is None and not table.open:
+        log.warning("/metrics is open (no --metrics-token): it names every tenant's adapters, "
+                    "so keep tenants off this port or set a metrics token.")
 
     metrics = ServerMetrics(engine.stats, config.served_model_name or engine.model.name)
     state = AppState(
@@ -285,6 +289,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
     app = FastAPI(title="loramux", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loramux = state
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RequestIdMiddleware, on_response=metrics.count_response)
     app.include_router(build_admin_router())
 
@@ -306,7 +311,14 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         return {"status": "ready"}
 
     @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        # Metrics are the operators' and routers' (shared/DESIGN.md): with a metrics token,
+        # a tenant's API key is no way in, as adapter names of all tenants are in the labels.
+        token = config.metrics_token
+        if token is not None and not (bearer_is(request, token)
+                                      or bearer_is(request, config.admin_token)):
+            raise APIError(401, "Invalid or missing metrics token.",
+                           code="invalid_metrics_token")
         body = await asyncio.to_thread(metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -508,7 +520,10 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         prompts: list[list[int]] = []
         vocab = engine.model.vocab_size
         for raw in raw_prompts:
-            ids = engine.encode(raw) if isinstance(raw, str) else list(raw)
+            try:
+                ids = engine.encode(raw) if isinstance(raw, str) else list(raw)
+            except ValueError as exc:  # no tokenizer, or text it cannot encode
+                raise bad_request(str(exc), "prompt") from None
             if vocab is not None and any(not 0 <= t < vocab for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {vocab}).", "prompt")
             prompts.append(ids)

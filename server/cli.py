@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--port", type=int, default=8000, help="port to listen on")
     _add(serve, "--api-keys", help="YAML file of tenants, hashed keys and allowed adapters")
     _add(serve, "--admin-token", help="token for the admin API (off without one)")
+    _add(serve, "--metrics-token", help="bearer token /metrics requires (the admin token "
+         "also works); without one /metrics is open, so keep tenants off its port")
     _add(serve, "--served-model-name", help="name clients use for the base model "
          "(default: the model folder's name)")
     _add(serve, "--max-queue", type=int, default=256,
@@ -122,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=int(args.port),
         api_keys=Path(args.api_keys) if args.api_keys else None,
         admin_token=args.admin_token or None,  # an empty variable means off
+        metrics_token=args.metrics_token or None,
         served_model_name=args.served_model_name or None,
         max_queue=int(args.max_queue),
         shutdown_grace_seconds=float(args.shutdown_grace_seconds),

@@ -23,6 +23,10 @@ class ServerConfig:
     port: int = 8000
     api_keys: Path | None = None  # tenants file; None: open server
     admin_token: str | None = None  # None: admin API off
+    # /metrics names every tenant's adapters (vllm:lora_requests_info): with a token it
+    # answers only to it (or the admin token), never to a tenant's API key; None: open, as
+    # vLLM's is, for routers on a network tenants cannot reach.
+    metrics_token: str | None = None
     served_model_name: str | None = None  # None: the model directory's name
     max_queue: int = 256
     shutdown_grace_seconds: float = 30.0
@@ -40,6 +44,8 @@ class ServerConfig:
             raise ValueError("max_upload_bytes must be positive")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin_token must not be empty (leave it unset to turn admin off)")
+        if self.metrics_token is not None and not self.metrics_token.strip():
+            raise ValueError("metrics_token must not be empty (leave it unset for open metrics)")
 
     @property
     def upload_limit(self) -> int:

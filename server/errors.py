@@ -107,8 +107,14 @@ def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+# pydantic names the member of a union a value failed against in `loc` ("prompt", "str"):
+# those are types, not fields, and are left out of `param`.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "function-after"}
+
+
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if p not in _UNION_MEMBERS and "[" not in p]
     return ".".join(parts) or None
 
 

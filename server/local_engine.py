@@ -154,7 +154,12 @@ class LocalEngineClient:
         return tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        tokenizer = self.tokenizer
+        try:
+            return list(tokenizer.encode(text))
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer refuses is bad input
+            # (e.g. a character outside a vocabulary without an unknown token): a 400, not 500.
+            raise ValueError(f"the tokenizer cannot encode this text: {exc}") from None
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids)))
@@ -168,10 +173,10 @@ class LocalEngineClient:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **template_kwargs)
-        except Exception as exc:  # noqa: BLE001 - jinja errors: a bad conversation
+            # The template already placed BOS and other special tokens as text.
+            return list(tokenizer.encode(str(text), add_special_tokens=False))
+        except Exception as exc:  # noqa: BLE001 - jinja or tokenizer errors: bad messages
             raise ValueError(f"the chat template failed on these messages: {exc}") from None
-        # The template already placed BOS and other special tokens as text.
-        return list(tokenizer.encode(str(text), add_special_tokens=False))
 
     # ------------------------------------------------------------------ generation
 

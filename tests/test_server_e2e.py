@@ -19,22 +19,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from adapter_factory import CONFIG_FILE, WEIGHTS_FILE, load_peft_model, make_adapter
-from prometheus_client.parser import text_string_to_metric_families
+from adapter_factory import CONFIG_FILE, WEIGHTS_FILE, make_adapter
+from reliability_world import World, scrape, value, wait_for
 from server_harness import LiveServer
-from server_model import SPECIALS, greedy_reference, make_model_dir
+from server_model import SPECIALS, make_model_dir
 
-from loramux.adapters.config import RegistryConfig
-from loramux.engine.config import EngineConfig
 from loramux.server.app import create_app
 from loramux.server.config import ServerConfig
 from loramux.server.local_engine import LocalEngineClient
@@ -55,53 +52,7 @@ ADAPTERS: dict[str, dict[str, Any]] = {  # name -> make_adapter arguments
     "metrics-b": {"rank": 2, "target_modules": ("o_proj",), "seed": 9},
 }
 PRELOADED = ("acme-support", "acme-summarize", "beta-chat")
-
-
-@dataclass
-class World:
-    """The model folder, adapter root, tenants file, and PEFT references (built lazily)."""
-
-    model_dir: Path
-    root: Path
-    keys_file: Path
-    hf_config: Any
-    tokenizer: Any
-    _base: Any = None
-    _peft: dict[str, Any] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def engine_config(self, **registry: Any) -> EngineConfig:
-        settings: dict[str, Any] = {
-            "adapter_root": self.root, "max_lora_rank": 16, "max_gpu_adapters": 4,
-            "max_cpu_adapters": 8,
-            "adapters": tuple((n, self.root / n) for n in PRELOADED),
-        }
-        settings.update(registry)
-        return EngineConfig(model=str(self.model_dir), device="cpu", dtype="float32",
-                            kv_cache_tokens=16384, max_num_seqs=16,
-                            registry=RegistryConfig(**settings))
-
-    def reference_model(self, adapter: str | None) -> Any:
-        with self._lock:
-            if self._base is None:
-                from transformers import AutoModelForCausalLM
-
-                self._base = AutoModelForCausalLM.from_pretrained(str(self.model_dir)).eval()
-            if adapter is None:
-                return self._base
-            if adapter not in self._peft:
-                self._peft[adapter] = load_peft_model(self._base, self.root / adapter)
-            return self._peft[adapter]
-
-    def expected(self, adapter: str | None, prompt_ids: list[int], max_tokens: int) -> str:
-        """PEFT's greedy text for `prompt_ids` (the server is asked with ignore_eos)."""
-        ids = greedy_reference(self.reference_model(adapter), prompt_ids, max_tokens)
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+KV_TOKENS = 16384
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +71,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                     "requests_per_minute": 2},
     }}))
     return World(model_dir=model_dir, root=root, keys_file=keys, hf_config=hf_config,
-                 tokenizer=tokenizer)
+                 tokenizer=tokenizer, preloaded=PRELOADED)
 
 
 @pytest.fixture(scope="module")
 def server(world: World) -> Iterator[LiveServer]:
-    config = ServerConfig(engine=world.engine_config(), api_keys=world.keys_file,
+    config = ServerConfig(engine=world.engine_config(kv_cache_tokens=KV_TOKENS),
+                          api_keys=world.keys_file,
                           admin_token=ADMIN)
     app = create_app(config, LocalEngineClient(config.engine))
     with LiveServer(app) as live:
@@ -447,35 +399,15 @@ def test_admin_load_upload_reload_pin_unload_while_streaming(server: LiveServer,
 # ============================================================================ metrics
 
 
-def scrape(url: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
-    text = httpx.get(url + "/metrics").text
-    out: dict[str, list[tuple[str, dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(family.name, []).append((sample.name, sample.labels, sample.value))
-    return out
-
-
-def gauge(fams: dict[str, Any], name: str) -> float:
-    (sample,) = fams[name]
-    return float(sample[2])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_metrics_hold_the_router_series_during_a_run(world: World) -> None:
     # Two accelerator slots: one pinned adapter and one for everything else, so a request
     # for a second adapter must wait while the first one runs.
     config = ServerConfig(
-        engine=world.engine_config(adapters=tuple((n, world.root / n) for n in
-                                                  ("metrics-p", "metrics-a", "metrics-b")),
-                                   max_gpu_adapters=2, max_cpu_adapters=4,
-                                   pinned=("metrics-p",)),
+        engine=world.engine_config(
+            registry={"adapters": tuple((n, world.root / n) for n in
+                                        ("metrics-p", "metrics-a", "metrics-b")),
+                      "max_gpu_adapters": 2, "max_cpu_adapters": 4, "pinned": ("metrics-p",)},
+            kv_cache_tokens=KV_TOKENS),
         admin_token=ADMIN)
     with LiveServer(create_app(config, LocalEngineClient(config.engine))) as live:
         body = {"prompt": "metrics", "max_tokens": 3000, "stream": True, "temperature": 0,
@@ -486,12 +418,12 @@ def test_metrics_hold_the_router_series_during_a_run(world: World) -> None:
             next(first_lines)
             with httpx.stream("POST", live.url + "/v1/completions",
                               json={**body, "model": "metrics-b"}, timeout=60) as second:
-                wait_for(lambda: gauge(scrape(live.url), "vllm:num_requests_waiting") == 1)
+                wait_for(lambda: value(scrape(live.url), "vllm:num_requests_waiting") == 1)
                 fams = scrape(live.url)
                 before = time.time()
                 assert fams["vllm:num_requests_running"] == [
                     ("vllm:num_requests_running", {"model_name": BASE}, 1.0)]
-                assert 0 < gauge(fams, "vllm:kv_cache_usage_perc") < 1
+                assert 0 < value(fams, "vllm:kv_cache_usage_perc") < 1
                 (info,) = fams["vllm:lora_requests_info"]
                 labels = info[1]
                 assert labels["max_lora"] == "2"
@@ -501,7 +433,7 @@ def test_metrics_hold_the_router_series_during_a_run(world: World) -> None:
                 assert before - 5 < info[2] <= time.time() + 1  # value: time of the update
                 tiers = {s[1]["tier"]: s[2] for s in fams["loramux_adapters"]}
                 assert tiers["device"] == 2 and sum(tiers.values()) == 3
-                assert gauge(fams, "loramux_http_requests_in_flight") == 2
+                assert value(fams, "loramux_http_requests_in_flight") == 2
                 # Closing the first stream aborts it: its slot goes to the waiting request.
                 first.close()
                 wait_for(lambda: "metrics-b" in scrape(live.url)["vllm:lora_requests_info"][0][
@@ -509,16 +441,16 @@ def test_metrics_hold_the_router_series_during_a_run(world: World) -> None:
                 second_lines = second.iter_lines()
                 assert next(second_lines).startswith("data: ")
                 fams = scrape(live.url)
-                assert gauge(fams, "vllm:num_requests_waiting") == 0
+                assert value(fams, "vllm:num_requests_waiting") == 0
                 assert fams["vllm:lora_requests_info"][0][1]["waiting_lora_adapters"] == ""
         # Both clients gone: nothing runs, no KV block is held, no adapter reference is left.
-        wait_for(lambda: gauge(scrape(live.url), "vllm:num_requests_running") == 0)
+        wait_for(lambda: value(scrape(live.url), "vllm:num_requests_running") == 0)
         fams = scrape(live.url)
-        assert gauge(fams, "vllm:kv_cache_usage_perc") == 0
+        assert value(fams, "vllm:kv_cache_usage_perc") == 0
         rows = httpx.get(live.url + "/admin/adapters",
                          headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
         assert all(r["refcount"] == 0 for r in rows)
-        assert gauge(fams, "loramux_http_requests_in_flight") == 0
+        assert value(fams, "loramux_http_requests_in_flight") == 0
         ttft = {s[0]: s[2] for s in fams["loramux_time_to_first_token_seconds"]}
         assert ttft["loramux_time_to_first_token_seconds_count"] == 2
         prompt_tokens = {s[0]: s[2] for s in fams["loramux_prompt_tokens"]}

@@ -354,7 +354,12 @@ def test_bad_bodies_are_400(raw: bytes, status_param: str | None) -> None:
     assert err.value.status == 400 and err.value.param == status_param
 
 
-def test_out_of_range_sampling_values_raise_value_error() -> None:
-    body = parse_body(b'{"model":"m","prompt":"x","temperature":3}', CompletionRequest)
+def test_out_of_range_sampling_values_are_400_naming_the_field() -> None:
+    # The body's schema holds the ranges (so /openapi.json states them) ...
+    with pytest.raises(APIError, match="temperature") as err:
+        parse_body(b'{"model":"m","prompt":"x","temperature":3}', CompletionRequest)
+    assert err.value.status == 400 and err.value.param == "temperature"
+    # ... and SamplingParams still checks them for callers that skip the schema.
+    body = CompletionRequest.model_construct(model="m", prompt="x", temperature=3.0)
     with pytest.raises(ValueError, match="temperature"):
         body.sampling_params(4, None, None)
