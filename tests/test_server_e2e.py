@@ -498,6 +498,17 @@ def test_cli_serves_and_drains_on_sigterm(world: World, tmp_path: Path) -> None:
         chunks = iter(stream)
         text = next(chunks).choices[0].text
         proc.send_signal(signal.SIGTERM)
+        # While it drains (the process is up, the stream not over), new requests are refused:
+        # the listener is closed (connection refused) or, on a connection that beat the
+        # close, the app answers 503 shutting_down.
+        try:
+            refused = httpx.post(url + "/v1/completions", timeout=30, json={
+                "model": "acme-support", "prompt": "late", "max_tokens": 2})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "shutting_down"
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None
         finish = None
         for chunk in chunks:  # the running request finishes after SIGTERM
             text += chunk.choices[0].text
