@@ -46,7 +46,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.05  # how often idle workers re-check ageing and want expiry
 _SAMPLES = 1024  # latency samples kept per series
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,11 @@ class AdapterRegistry:
             return ref
         return self._resolve_lazy(name)
 
+    def current(self, name: str) -> AdapterRef | None:
+        """The current version of a loaded name, or None; never loads anything."""
+        with self._lock:
+            return self._names.get(name)
+
     def prefetch(self, ref: AdapterRef) -> None:
         """Start paging `ref` towards the device if it is not there; returns at once."""
         with self._cond:
@@ -324,7 +330,8 @@ class AdapterRegistry:
 
         A slot returned here is never evicted or reused until the matching `release`. Raises
         AdapterNotFound for a version that was superseded or unloaded and has drained (the
-        engine re-resolves the name, or fails the request if it is gone), and AdapterError for
+        engine moves a request that has not started to `current(name)`, or fails it if the
+        name is gone), and AdapterError for
         a version that can no longer be paged in (its weights changed or vanished on disk).
         """
         with self._cond:
@@ -523,8 +530,7 @@ class AdapterRegistry:
         started = time.perf_counter()
         try:
             root = None if trusted else self._root_for(path)
-            adapter = read_adapter(path, self.base, self.limits, root=root, dtype=self.dtype)
-            host = pack(adapter, self.base, self.dtype, pin=self._pin_host)
+            adapter, host = _in_own_thread(lambda: self._read_and_pack(path, root))
             self._check_fits(host)
             with self._cond:
                 current = self._names.get(name)
@@ -553,6 +559,12 @@ class AdapterRegistry:
                  name, result.version, result.digest[:12], result.path, len(result.applied),
                  result.ranks, result.size_bytes)
         return result
+
+    def _read_and_pack(self, path: Path, root: Path | None,
+                       digest: str | None = None) -> tuple[PeftAdapter, HostAdapter]:
+        adapter = read_adapter(path, self.base, self.limits, root=root, dtype=self.dtype,
+                               expected_digest=digest)
+        return adapter, pack(adapter, self.base, self.dtype, pin=self._pin_host)
 
     def _register(self, name: str, adapter: PeftAdapter, host: HostAdapter, root: Path | None,
                   pinned: bool, current: AdapterRef | None, seconds: float) -> LoadResult:
@@ -718,7 +730,10 @@ class AdapterRegistry:
             started = time.perf_counter()
             error: Exception | None = None
             try:
-                self._pool.write(job.resident, job.host, after=self.compute_stream)
+                if self._pool.device.type == "cpu":  # a large CPU copy: see _in_own_thread
+                    _in_own_thread(lambda: self._pool.write(job.resident, job.host))
+                else:
+                    self._pool.write(job.resident, job.host, after=self.compute_stream)
             except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error: it must not look resident
                 error = exc
             with self._cond:
@@ -795,9 +810,8 @@ class AdapterRegistry:
             host: HostAdapter | None = None
             error: AdapterError | None = None
             try:
-                adapter = read_adapter(job.result.path, self.base, self.limits, root=job.root,
-                                       dtype=self.dtype, expected_digest=job.ref.digest)
-                host = pack(adapter, self.base, self.dtype, pin=self._pin_host)
+                _, host = _in_own_thread(
+                    lambda: self._read_and_pack(job.result.path, job.root, job.ref.digest))
             except AdapterError as exc:
                 error = exc
             except OSError as exc:
@@ -849,3 +863,31 @@ def _signature(directory: Path) -> tuple[Any, ...]:
     except OSError:
         pass
     return tuple(entries)
+
+
+def _in_own_thread(work: Callable[[], _T]) -> _T:
+    """Run `work` in a new thread that ends with it; return its result or raise its error.
+
+    libgomp (PyTorch's OpenMP on Linux) keeps a team of worker threads for every thread that
+    ever ran a parallel op, for as long as that thread lives. Once the process holds more
+    OpenMP threads than CPUs, workers stop spinning between parallel regions and every small
+    op of the engine's step loop waits for a futex wake-up (decode steps 2-3x slower on two
+    CPUs). A thread that exits takes its team with it, so the registry's long-lived threads
+    (and the server's worker threads that call `load`) do their large tensor work in
+    short-lived ones. Starting a thread costs ~0.1 ms against milliseconds of work.
+    """
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, work()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name="loramux-adapter-work", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]

@@ -98,6 +98,10 @@ class AdapterSource(Protocol):
         """The current version of `name`; raises AdapterNotFound (lazy names included)."""
         ...
 
+    def current(self, name: str) -> AdapterRef | None:
+        """The current version of a loaded name, or None; never loads anything."""
+        ...
+
     def prefetch(self, ref: AdapterRef) -> None:
         """Start paging `ref` towards the device if it is not there; returns at once."""
         ...

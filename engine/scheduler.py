@@ -171,6 +171,15 @@ class Scheduler:
         try:
             slot = self.adapters.acquire(seq.adapter)
         except (AdapterNotFound, AdapterError) as exc:
+            # The version this request was given was reloaded (or its files changed) before
+            # the request took its first reference. Nothing ran on it yet, so it takes the
+            # name's current version, as a request arriving now would; gone: it fails.
+            current = self.adapters.current(seq.adapter.name)
+            if current is not None and current != seq.adapter:
+                seq.adapter = current
+                self.adapters.prefetch(current)
+                self.stats.adapter_waits += 1
+                return False
             self.waiting.remove(seq)
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = "error"

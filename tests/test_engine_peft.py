@@ -20,6 +20,7 @@ import torch
 from adapter_factory import base_spec
 from engine_helpers import (
     ADAPTERS,
+    ALL as ALL_MODULES,
     MAX_NEW,
     deep,
     greedy,
@@ -153,6 +154,132 @@ def test_more_adapters_than_slots_wait_and_match(setup: dict[str, Any]) -> None:
         assert all(info.refcount == 0 for info in reg.list())
     finally:
         reg.close()
+
+
+def test_forty_adapters_over_eight_slots_with_a_reload_mid_run(
+        setup: dict[str, Any], tmp_path: Path) -> None:
+    """40 adapters, device room for 8 and host room for 12, requests arriving while others
+    decode; halfway through, "c00" is reloaded with other weights. Every request gives PEFT's
+    tokens for the version it was given: requests added before the reload the old weights,
+    after it the new, so no request ran on an evicted slot's new tenant or on a wrong
+    version. Page-ins, evictions and disk re-reads all happened; nothing is left referenced."""
+    import shutil
+
+    from adapter_factory import WEIGHTS_FILE, make_adapter
+
+    cfg = setup["cfg"]
+    targets = [("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ALL_MODULES]
+    paths = {f"c{i:02d}": make_adapter(tmp_path / f"c{i:02d}", cfg, rank=(4, 8, 16)[i % 3],
+                                       alpha=16, target_modules=targets[i // 3 % 3],
+                                       seed=500 + i, b_std=0.15)
+             for i in range(40)}
+    new_weights = make_adapter(tmp_path / "c00-new", cfg, rank=8, alpha=16,
+                               target_modules=ALL_MODULES, seed=999, b_std=0.15)
+    pm = peft_model(deep(setup["base"]), {**paths, "c00-new": new_weights})
+    reg = AdapterRegistry(
+        RegistryConfig(adapters=tuple(paths.items()), max_gpu_adapters=8, max_cpu_adapters=12,
+                       max_lora_rank=16),
+        base_spec(cfg), "cpu", torch.float32)
+    reg.start()
+    try:
+        engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=12, kv_cache_tokens=4096,
+                                                       block_size=4), adapters=reg)
+        names = [*paths, None]
+        ps = prompts(88, seed=11)
+        cases = {f"m{i}": (p, names[(i * 7) % len(names)]) for i, p in enumerate(ps)}
+        cases["late-c00"] = (ps[0], "c00")
+        assert peft_greedy(pm, "c00-new", ps[0]) != peft_greedy(pm, "c00", ps[0])
+        weights: dict[str, str | None] = {}  # request -> the PEFT adapter it must match
+
+        order = [rid for rid in cases if rid != "late-c00"]
+        order_all = list(order)
+        tokens: dict[str, list[int]] = {rid: [] for rid in cases}
+        step, deadline, reloaded = 0, time.monotonic() + 180, False
+        while order or engine.has_unfinished():
+            for rid in order[:4]:  # four arrivals per step while others decode
+                engine.add_request(rid, cases[rid][0], GREEDY, cases[rid][1])
+                weights[rid] = "c00-new" if reloaded and cases[rid][1] == "c00" else cases[rid][1]
+            del order[:4]
+            if not reloaded and step == 10:  # old c00 requests are queued or running
+                shutil.copy(new_weights / WEIGHTS_FILE, paths["c00"] / WEIGHTS_FILE)
+                shutil.copy(new_weights / "adapter_config.json", paths["c00"])
+                reg.load("c00", paths["c00"], trusted=True)
+                engine.add_request("late-c00", ps[0], GREEDY, "c00")
+                weights["late-c00"] = "c00-new"
+                reloaded = True
+                in_flight_old = [rid for rid, name in weights.items() if name == "c00"
+                                 and rid in engine.requests]
+                for rid in in_flight_old:  # not started yet: it may take the new version
+                    if not engine.requests[rid].holds_adapter:
+                        weights[rid] = "either"
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+            if engine.last_step_tokens == 0:
+                time.sleep(0.002)
+            step += 1
+            assert time.monotonic() < deadline, "the engine stopped making progress"
+        def matches(rid: str) -> bool:
+            options = ["c00", "c00-new"] if weights[rid] == "either" else [weights[rid]]
+            return any(tokens[rid] == peft_greedy(pm, w, cases[rid][0]) for w in options)
+
+        wrong = {rid: weights[rid] for rid in cases if not matches(rid)}
+        assert not wrong, wrong
+        assert any(weights[rid] == "c00" for rid in in_flight_old) and "c00-new" in {weights[r] for r in order_all if r != "late-c00"}
+        stats = reg.stats
+        assert stats.page_ins > 40 and stats.device_evictions > 0, stats
+        assert stats.host_evictions > 0 and stats.disk_reads > 0, stats
+        assert engine.scheduler.stats.adapter_waits > 0
+        assert all(info.refcount == 0 for info in reg.list())
+        assert len(reg.resident()) <= 8 and engine.kv.allocator.num_used == 0
+    finally:
+        reg.close()
+
+
+def test_a_request_queued_before_a_reload_gets_the_new_version(
+        setup: dict[str, Any], tmp_path: Path) -> None:
+    """"x" is reloaded with other weights after a request for it was queued but before it
+    ran: its first version drains at once (nobody holds it), and the request must neither
+    fail nor run on freed memory; it runs on the new version, like one that arrives now."""
+    import shutil
+
+    from adapter_factory import WEIGHTS_FILE
+
+    paths = setup["paths"]
+    x = shutil.copytree(paths["r4-attn"], tmp_path / "x")
+    reg = _registry(setup["cfg"], {"x": x}, slots=1)
+    try:
+        engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=4, kv_cache_tokens=1024,
+                                                       block_size=4), adapters=reg)
+        prompt = prompts(1, seed=21)[0]
+        engine.add_request("before", prompt, GREEDY, "x")
+        for name in (WEIGHTS_FILE, "adapter_config.json"):
+            shutil.copy(paths["r16-all"] / name, x / name)
+        reg.load("x", x, trusted=True)
+        engine.add_request("after", prompt, GREEDY, "x")
+        outputs = {rid: o for rid, o in zip(["before", "after"], engine_generate(engine))}
+        for rid in ("before", "after"):
+            assert outputs[rid].finish_reason == "length", outputs[rid]
+            assert outputs[rid].token_ids == setup["ref"](prompt, "r16-all"), rid
+        assert [info.version for info in reg.list()] == [2]
+        assert all(info.refcount == 0 for info in reg.list())
+    finally:
+        reg.close()
+
+
+def engine_generate(engine: LLMEngine) -> list[RequestOutput]:
+    """Step until every queued request finishes; merged outputs in order of arrival."""
+    tokens: dict[str, list[int]] = {rid: [] for rid in engine.requests}
+    finals: dict[str, RequestOutput] = {}
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finals[out.request_id] = out
+        if engine.last_step_tokens == 0:
+            time.sleep(0.002)
+        assert time.monotonic() < deadline, "the engine stopped making progress"
+    return [dataclasses.replace(finals[rid], token_ids=tokens[rid]) for rid in tokens]
 
 
 # ---------------------------------------------------------------------- nf4 base

@@ -239,6 +239,9 @@ class FakeAdapters:
     def resolve(self, name: str) -> AdapterRef:
         return AdapterRef(name, 1, "digest")
 
+    def current(self, name: str) -> AdapterRef | None:
+        return AdapterRef(name, 1, "digest")
+
     def prefetch(self, ref: AdapterRef) -> None:
         pass
 

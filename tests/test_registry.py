@@ -683,3 +683,28 @@ def _no_thread_leaks() -> Iterator[None]:
     yield
     leaked = [t for t in threading.enumerate() if t.name.startswith("loramux-adapter")]
     assert not leaked, leaked
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2,
+                    reason="needs Linux's /proc and more than one torch thread")
+def test_background_work_leaves_no_openmp_team_behind(tmp_path: Path) -> None:
+    """Loading, re-reading and paging in big adapters must not leave OpenMP worker threads
+    behind in the registry's long-lived threads: with more OpenMP threads than CPUs, libgomp
+    stops spinning and the step loop's decode slows 2-3x (see `_in_own_thread`)."""
+    import os
+
+    wide = tiny_llama_config(layers=2)
+    wide.hidden_size, wide.intermediate_size = 512, 1024  # tensors above ATen's grain size
+    spec = base_spec(wide)
+    paths = [make_adapter(tmp_path / f"w{i}", wide, rank=64, seed=i) for i in range(3)]
+    torch.ones(1 << 17).sum()  # this thread's own team exists before we count
+    threads = len(os.listdir("/proc/self/task"))
+    config = RegistryConfig(max_gpu_adapters=1, max_cpu_adapters=1, max_lora_rank=64)
+    with AdapterRegistry(config, spec, "cpu", torch.float32) as reg:
+        refs = [reg.load(f"w{i}", p, trusted=True).ref for i, p in enumerate(paths)]
+        for ref in refs + refs:  # page-ins, device evictions, host evictions and re-reads
+            reg.acquire_wait(ref)
+            reg.release(ref)
+        assert reg.stats.page_ins >= 4 and reg.stats.disk_reads >= 1
+        time.sleep(0.2)  # exited threads' workers wind down
+        assert len(os.listdir("/proc/self/task")) == threads + 2  # the disk and page-in threads
