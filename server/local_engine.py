@@ -114,14 +114,15 @@ class LocalEngineClient:
         return registry is None or bool(registry.ready())
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._build)
         from loramux.engine.async_engine import AsyncEngine
 
-        self._async = AsyncEngine(self._engine)
-        self._async.start()
+        # The step thread builds (and warms up) the engine itself, so that no other thread
+        # runs the model's torch ops and starts an OpenMP team of its own (see AsyncEngine).
+        self._async = AsyncEngine(self._build)
+        await asyncio.to_thread(self._async.start)
         self._ready = True
 
-    def _build(self) -> None:
+    def _build(self) -> Any:
         if self._engine is None:
             from loramux.engine.engine import LLMEngine
 
@@ -135,6 +136,7 @@ class LocalEngineClient:
 
             engine: LLMEngine = self._engine
             engine.generate([[0, 1]], SamplingParams(max_tokens=2, temperature=0.0))
+        return self._engine
 
     async def shutdown(self) -> None:
         self._ready = False
