@@ -204,3 +204,14 @@ def test_metrics_are_for_operators_not_tenants(live: LiveServer) -> None:
         response = httpx.get(live.url + path)
         assert response.status_code == 200
         assert not [name for name in ADAPTERS if name in response.text], path
+
+
+def test_metrics_token_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loramux.server.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", "--metrics-token", "m-token"])
+    assert config_from_args(args).metrics_token == "m-token"
+    monkeypatch.setenv("LORAMUX_METRICS_TOKEN", "from-env")
+    assert config_from_args(build_parser().parse_args(["serve"])).metrics_token == "from-env"
+    monkeypatch.setenv("LORAMUX_METRICS_TOKEN", "")  # empty: open metrics, as before
+    assert config_from_args(build_parser().parse_args(["serve"])).metrics_token is None
