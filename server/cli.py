@@ -66,11 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--adapter", action="append", default=[],
          help="NAME=PATH of a PEFT adapter to load at start (repeatable)")
     _add(serve, "--adapter-root", help="directory where unknown adapter names are resolved")
+    _add(serve, "--adapter-desired-set", help="YAML/JSON file of adapters to load (and pin) "
+         "at start, reconciled declaratively")
+    _add(serve, "--pin-adapter", action="append", default=[],
+         help="adapter name kept resident on the accelerator (repeatable)")
+    _add(serve, "--allow-pickle", action="store_true", default=False,
+         help="accept adapter_model.bin pickle files (unsafe: pickles can run code)")
     _add(serve, "--max-gpu-adapters", type=int, default=16, help="accelerator adapter slots")
     _add(serve, "--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory")
     _add(serve, "--max-lora-rank", type=int, default=64, help="largest accepted adapter rank")
     _add(serve, "--max-num-seqs", type=int, default=64, help="sequences per step")
     _add(serve, "--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    _add(serve, "--max-model-len", type=int, help="context length (default: the model's)")
+    _add(serve, "--kv-cache-tokens", type=int,
+         help="KV cache budget in tokens (default: from free memory on CUDA, 64k on CPU)")
     _add(serve, "--host", default="127.0.0.1", help="address to listen on")
     _add(serve, "--port", type=int, default=8000, help="port to listen on")
     _add(serve, "--api-keys", help="YAML file of tenants, hashed keys and allowed adapters")
@@ -108,6 +117,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_gpu_adapters=int(args.max_gpu_adapters),
         max_cpu_adapters=int(args.max_cpu_adapters),
         max_lora_rank=int(args.max_lora_rank),
+        desired_set=Path(args.adapter_desired_set) if args.adapter_desired_set else None,
+        pinned=tuple(args.pin_adapter),
+        allow_pickle=bool(args.allow_pickle),
     )
     engine = EngineConfig(
         model=args.model,
@@ -116,6 +128,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         max_num_seqs=int(args.max_num_seqs),
         max_num_batched_tokens=int(args.max_num_batched_tokens),
+        max_model_len=int(args.max_model_len) if args.max_model_len else None,
+        kv_cache_tokens=int(args.kv_cache_tokens) if args.kv_cache_tokens else None,
         registry=registry,
     )
     return ServerConfig(

@@ -80,6 +80,25 @@ def test_flags_fall_back_to_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert config.host == "127.0.0.1"
 
 
+def test_registry_and_cache_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loramux.server.cli import build_parser, config_from_args
+
+    monkeypatch.setenv("LORAMUX_PIN_ADAPTER", "a,b")
+    monkeypatch.setenv("LORAMUX_ALLOW_PICKLE", "true")
+    args = build_parser().parse_args(["serve", "--adapter-desired-set", "/etc/set.yaml",
+                                      "--kv-cache-tokens", "4096", "--max-model-len", "512"])
+    config = config_from_args(args)
+    registry = config.engine.registry
+    assert registry.pinned == ("a", "b") and registry.allow_pickle
+    assert registry.desired_set == Path("/etc/set.yaml")
+    assert (config.engine.kv_cache_tokens, config.engine.max_model_len) == (4096, 512)
+    monkeypatch.delenv("LORAMUX_PIN_ADAPTER")
+    monkeypatch.delenv("LORAMUX_ALLOW_PICKLE")
+    defaults = config_from_args(build_parser().parse_args(["serve"])).engine
+    assert not defaults.registry.allow_pickle and defaults.registry.pinned == ()
+    assert defaults.kv_cache_tokens is None and defaults.max_model_len is None
+
+
 def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     from loramux.server.cli import main
 
