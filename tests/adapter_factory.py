@@ -122,8 +122,7 @@ def make_adapter(
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         layers_to_transform=layers_to_transform,
-        lora_dropout=0.0,
-        **lora_config,
+        **{"lora_dropout": 0.0, **lora_config},
     )
     model = get_peft_model(_shared_base(config), lora)
     gen = torch.Generator().manual_seed(seed)

@@ -266,6 +266,35 @@ def test_a_request_queued_before_a_reload_gets_the_new_version(
         reg.close()
 
 
+def test_dropout_never_runs_at_inference(setup: dict[str, Any], tmp_path: Path) -> None:
+    """An adapter trained with lora_dropout 0.5 serves exactly like the same weights saved
+    with 0 (PEFT #3753): greedy outputs equal PEFT's in eval mode, and repeat exactly."""
+    from adapter_factory import make_adapter
+
+    cfg = setup["cfg"]
+    paths = {f"d{p}": make_adapter(tmp_path / f"d{p}", cfg, rank=8, target_modules=ALL_MODULES,
+                                   seed=77, b_std=0.15, lora_dropout=p) for p in (0.0, 0.5)}
+    reg = _registry(cfg, paths, slots=2)
+    try:
+        engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=8, kv_cache_tokens=1024,
+                                                       block_size=4), adapters=reg)
+        ps = prompts(3, seed=31)
+        for rid, p in enumerate(ps):
+            for name in paths:
+                engine.add_request(f"{name}-{rid}", p, GREEDY, name)
+        first = {o.request_id: o.token_ids for o in engine_generate(engine)}
+        for rid, p in enumerate(ps):
+            engine.add_request(f"again-{rid}", p, GREEDY, "d0.5")
+        again = {o.request_id: o.token_ids for o in engine_generate(engine)}
+        pm = peft_model(deep(setup["base"]), {"dropout": paths["d0.5"]})
+        for rid, p in enumerate(ps):
+            expected = peft_greedy(pm, "dropout", p)
+            assert first[f"d0.5-{rid}"] == first[f"d0.0-{rid}"] == expected
+            assert again[f"again-{rid}"] == expected
+    finally:
+        reg.close()
+
+
 def engine_generate(engine: LLMEngine) -> list[RequestOutput]:
     """Step until every queued request finishes; merged outputs in order of arrival."""
     tokens: dict[str, list[int]] = {rid: [] for rid in engine.requests}
