@@ -206,6 +206,7 @@ def run_peft(runner: PeftRunner, shape: LoadShape, requests: Iterator[RequestSpe
                disable=None if progress else True)
     wall_start = time.time()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     deadline = t0 + shape.timeout
     arrivals = arrival_times(shape.rate, shape.seed) if shape.rate is not None else None
     pending: list[tuple[RequestSpec, float]] = []  # open loop: taken from the plan, not started
@@ -261,6 +262,8 @@ def run_peft(runner: PeftRunner, shape: LoadShape, requests: Iterator[RequestSpe
     return RunResult(samples=samples, wall_start=wall_start,
                      elapsed=time.perf_counter() - t0, timed_out=timed_out,
                      config={"baseline": runner.describe(), "shape": shape.describe(),
+                             # CPU time of this process (PEFT's threads) over the measured run
+                             "process_cpu_s": time.process_time() - cpu0,
                              "batch_size": size, "endpoint": runner.endpoint,
                              "ignore_eos": runner.ignore_eos,
                              "temperature": runner.temperature})

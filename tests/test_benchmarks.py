@@ -1,0 +1,96 @@
+"""The HTTP benchmark driver (loadtest/benchmarks.py) end to end in its quick mode, on a tiny
+random Llama: two real `loramux serve` subprocesses, PEFT in process, files and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loramux.loadtest.benchmarks import QUICK, SCHEMA, cached_adapters, main
+from loramux.loadtest.report import load_result
+from server_model import make_model_dir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("benchmarks")
+    model_dir, _, _ = make_model_dir(base / "tiny-bench", max_positions=1024)
+    out = base / "out"
+    assert main(["--out", str(out), "--quick", "--model-dir", str(model_dir), "--device", "cpu",
+                 "--no-progress"]) == 0
+    return out, json.loads((out / "benchmarks.json").read_text())
+
+
+def _consistent(summary: dict[str, Any], requests: int = QUICK.requests) -> None:
+    assert summary["sent"] == summary["ok"] + summary["errors"] == requests
+    assert summary["errors"] == 0 and summary["errors_by_status"] == {}
+    assert summary["output_tokens"] == requests * QUICK.output_len
+    assert summary["output_tokens_per_s"] == pytest.approx(
+        summary["output_tokens"] / summary["duration_s"])
+    assert summary["tpot_s"]["count"] == requests
+    assert summary["cpu_s"] > 0  # the server's (or PEFT's) CPU time over the run
+    assert summary["output_tokens_per_cpu_s"] == pytest.approx(
+        summary["output_tokens"] / summary["cpu_s"])
+
+
+def test_quick_run_writes_consistent_json_tables_and_plots(
+        quick: tuple[Path, dict[str, Any]]) -> None:
+    out, doc = quick
+    assert doc["schema"] == SCHEMA and doc["plan"]["requests"] == QUICK.requests
+    assert doc["machine"]["nproc"] >= 1 and doc["machine"]["torch"]
+    assert "$ADMIN_TOKEN" in doc["servers"]["resident"]  # the token itself is never written
+    assert doc["servers"]["fewer_slots"][doc["servers"]["fewer_slots"].index(
+        "--max-gpu-adapters") + 1] == str(QUICK.slots)
+    sc = doc["scenarios"]
+
+    for popularity, pair in sc["vs_peft"].items():
+        _consistent(pair["loramux"])
+        _consistent(pair["peft"])
+        for key in ("output_tokens_per_s", "output_tokens_per_cpu_s"):
+            assert pair["loramux_over_peft"][key] == pytest.approx(
+                pair["loramux"][key] / pair["peft"][key])
+        served = load_result(out / f"vs-peft-{popularity}" / "results.json")
+        peft = load_result(out / f"vs-peft-{popularity}" / "peft" / "results.json")
+        assert [s.model for s in served.samples] == [s.model for s in peft.samples]
+        assert {s.model for s in served.samples} <= {f"lt-{i:03d}" for i in
+                                                     range(QUICK.adapters)}
+
+    _consistent(sc["overhead"]["base"])
+    _consistent(sc["overhead"]["lora"])
+    base = load_result(out / "overhead-base" / "results.json")
+    assert {s.model for s in base.samples} == {"tiny-bench"}  # the base model, no adapter
+
+    points = sc["scaling"]["points"]
+    assert [p["adapters"] for p in points] == list(QUICK.scaling)
+    assert points[0]["over_one_adapter"] == {"output_tokens_per_s": 1.0,
+                                             "output_tokens_per_cpu_s": 1.0}
+    for p in points:  # as many clients and requests as the widest point has adapters
+        _consistent(p["summary"], requests=max(QUICK.scaling))
+        run = load_result(out / "scaling" / f"adapters-{p['adapters']}" / "results.json")
+        assert len({s.model for s in run.samples}) == p["adapters"]  # round-robin: all used
+
+    slots = sc["slots"]
+    _consistent(slots["resident"])
+    _consistent(slots["overcommitted"])
+    assert slots["resident_page_ins"] == 0  # a slot per adapter: nothing to page in
+    assert slots["page_ins"] >= 1 and slots["evictions"] >= 1  # fewer slots than adapters
+
+    for name in doc["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    text = (out / "tables.md").read_text()
+    assert text.count("| run | ok/sent |") == 4
+    assert f"| {QUICK.slots} slots | {QUICK.requests}/{QUICK.requests} |" in text
+
+
+def test_adapters_are_made_once(quick: tuple[Path, dict[str, Any]]) -> None:
+    out, doc = quick
+    root = out / "adapters"
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/adapter_model.safetensors")}
+    assert len(before) == QUICK.made
+    again = cached_adapters(doc["model_dir"], root, QUICK)
+    assert list(again) == [f"lt-{i:03d}" for i in range(QUICK.made)]
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/adapter_model.safetensors")} == before
