@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loramux.adapters.peft import CONFIG_FILE, read_adapter
-from loramux.adapters.types import AdapterRef
+from loramux.adapters.types import AdapterNotFound, AdapterRef
 from loramux.engine.config import EngineConfig
 from loramux.engine.default_model import DEFAULT_MODEL_NAME
 from loramux.engine.sampling_params import SamplingParams
@@ -192,6 +192,11 @@ class LocalEngineClient:
         try:
             async for out in stream:
                 if out.finish_reason == "error":
+                    if adapter is not None and adapter.name not in self.adapter_names():
+                        # Unloaded after this request resolved the name and before it ran
+                        # (the soak found it answered 503 "overloaded"): the request gets what
+                        # one arriving now would, the unknown-model 404.
+                        raise AdapterNotFound(adapter.name)
                     raise GenerationFailed(out.error or "the request failed")
                 logprobs = None
                 if out.logprobs is not None:

@@ -225,6 +225,32 @@ def test_reload_and_unload_cycles_during_streams(live: LiveServer, world: World)
     wait_idle(live)
 
 
+def test_queued_request_for_an_adapter_unloaded_before_it_runs_is_404(world: World) -> None:
+    """Found by the soak: a request that resolved a name, then waited while the name was
+    unloaded, got 503 "overloaded"; it is the unknown-model 404 (in-stream for a stream)."""
+    with world.serve(engine={"max_num_seqs": 1}) as live:
+        response = admin_post(live, "/admin/adapters", {"name": "acme-gone", "path": "var-a"})
+        assert response.status_code == 201, response.text
+        blocker = Stream(live.url, "acme", "acme-one", "Blocking", 400).wait_started()
+        plain: list[httpx.Response] = []
+        waiter = threading.Thread(target=lambda: plain.append(
+            completion(live.url, "acme", "acme-gone", "Queued", 5)))
+        waiter.start()
+        streamed = Stream(live.url, "acme", "acme-gone", "Queued too", 5)
+        wait_for(lambda: value(scrape(live.url), "vllm:num_requests_waiting") == 2,
+                 what="two requests queued behind the blocker")
+        assert admin_post(live, "/v1/unload_lora_adapter",
+                          {"lora_name": "acme-gone"}).status_code == 200
+        blocker.disconnect()
+        waiter.join(60)
+        err = assert_error(plain[0], 404)
+        assert err["code"] == "model_not_found" and "acme-gone" in err["message"]
+        streamed.thread.join(60)
+        assert streamed.status == 200 and streamed.text == ""
+        assert streamed.failure["error"]["code"] == "model_not_found", streamed.failure
+        wait_idle(live)
+
+
 # ============================================================================ KV exhaustion
 
 
