@@ -86,8 +86,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--skip-peft", action="store_true")
-    parser.add_argument("--keep-registry-threads", action="store_true",
-                        help="leave the registry's page-in threads running while measuring")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -118,14 +116,6 @@ def main() -> None:
         ref = registry.resolve(name)
         registry.acquire_wait(ref)
         registry.release(ref)
-    if not args.keep_registry_threads:
-        # Every adapter is resident and nothing will be evicted, so the registry's background
-        # threads have no work left; stopping them ends the OpenMP team that the page-in thread
-        # started with its copies. While it lives, libgomp counts more OpenMP threads than
-        # CPUs and stops letting workers spin between parallel regions, which makes every
-        # small op in every thread (loramux's and PEFT's alike) wait for a futex wake-up
-        # (2-3x slower decode steps on a 2-core machine; see engine/async_engine.py).
-        registry.close()
     kv_tokens = n * (max(len(p) for p in prompt_ids) + new + 16)
     config = EngineConfig(max_num_seqs=n, max_num_batched_tokens=4096, kv_cache_tokens=kv_tokens)
     engine = LLMEngine(model, config, tokenizer=tokenizer, adapters=registry)
@@ -181,15 +171,13 @@ def main() -> None:
             order[0], order[1] = order[1], order[0]
         for name in order:
             record(r, name, *timed(runs[name]))
-    if args.keep_registry_threads:
-        registry.close()
+    registry.close()
 
     tps = {k: n * new / statistics.median(w for w, _ in v) for k, v in results.items()}
     cpu_tps = {k: n * new / statistics.median(c for _, c in v) for k, v in results.items()}
     report: dict[str, Any] = {
         "model": "SmolLM2-135M (float32, CPU)", "requests": n, "new_tokens": new,
         "adapter_ranks": ranks, "rounds": args.rounds, "threads": torch.get_num_threads(),
-        "registry_threads_running": args.keep_registry_threads,
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
         "tokens_per_cpu_s": {k: round(v, 1) for k, v in cpu_tps.items()},
         "lora_vs_base": round(tps["loramux-lora"] / tps["loramux-base"], 3),
