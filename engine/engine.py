@@ -215,7 +215,11 @@ class LLMEngine:
                 seq.stop_reason = token
             if reason is None and seq.num_tokens >= self.max_seq_len:
                 reason = "length"
-            text = self._detokenize(seq, token)
+            if (seq.stop_reason == token and reason == "stop"
+                    and not seq.params.include_stop_str_in_output):
+                text = ""  # a stop token's own text is not output (as in vLLM)
+            else:
+                text = self._detokenize(seq, token)
             if seq.stop is not None and seq.stop.stopped:
                 reason = "stop"
             if reason is not None:
@@ -234,13 +238,8 @@ class LLMEngine:
             return delta
         can_stop = seq.num_output_tokens >= seq.params.min_tokens
         update = seq.stop.feed(delta, can_stop=can_stop)
-        # Text in which a stop completing in this delta lies whole: which stop was it?
-        window = seq.stop_window + delta
         if update.stopped:
-            ends = [(window.find(s) + len(s), s) for s in seq.params.stop if s in window]
-            seq.stop_reason = min(ends)[1] if ends else None
-        longest = max(len(s) for s in seq.params.stop)
-        seq.stop_window = window[len(window) - longest + 1:] if longest > 1 else ""
+            seq.stop_reason = seq.stop.matched
         return update.text
 
     def _flush_text(self, seq: Sequence) -> str:

@@ -48,7 +48,6 @@ class Sequence:
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer | None = None
     stop: StopStringMatcher | None = None
-    stop_window: str = ""  # the last len(longest stop) - 1 characters of output text
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

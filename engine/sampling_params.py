@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop. Checked once, at the edge.
 
-    temperature 0 means greedy. top_k 0 (or -1) means no top-k cut. `seed` makes a request's
+    temperature 0 (below 1e-5) means greedy. top_k 0 (or -1) means no top-k cut. `seed` makes a request's
     output reproducible whatever else shares its batch. `logprobs` is the number of top
     alternatives to return beside the chosen token's log-probability (None: none at all).
     """
@@ -53,7 +55,11 @@ class SamplingParams:
             raise ValueError("logprobs must be in [0, 20]")
         if len(self.stop) > 16 or any(not s for s in self.stop):
             raise ValueError("stop must be at most 16 non-empty strings")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            # torch.Generator refuses larger seeds, and it would refuse them mid-step
+            raise ValueError("seed must be a 64-bit signed integer")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows to inf and softmax to NaN (vLLM's bound).
+        return self.temperature < GREEDY_BELOW

@@ -42,6 +42,7 @@ class StopStringMatcher:
         self._held = 0  # held chars at the end of _buf (always 0 when the stop is included)
         self._pieces: list[str] = []
         self._stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once stopped
 
     @property
     def stopped(self) -> bool:
@@ -68,6 +69,7 @@ class StopStringMatcher:
             start, end = match
             cut = max(end if self.include_stop_str_in_output else start, emit_from)
             self._stopped = True
+            self.matched = buf[start:end]
             return self._emit(buf[emit_from:cut], stopped=True)
         hold = 0 if self.include_stop_str_in_output else self._hold(buf, len(buf) - emit_from)
         self._held = hold

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -401,6 +402,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
                   max_tokens: list[int], build: Callable[[int, int | None], SamplingParams],
                   seed: int | None) -> list[_Seq]:
         rid = getattr(request.state, "request_id", "req")
+        unique = uuid.uuid4().hex[:12]
         seqs: list[_Seq] = []
         for p, ids in enumerate(prompts):
             for j in range(n):
@@ -411,8 +413,9 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
                     params = build(max_tokens[p], choice_seed)
                 except ValueError as exc:
                     raise bad_request(str(exc)) from None
+                # The engine's id is unique even when clients reuse an X-Request-Id.
                 seqs.append(_Seq(index=index, prompt_index=p, prompt_ids=ids, params=params,
-                                 request_id=f"{rid}-{index}"))
+                                 request_id=f"{rid}-{unique}-{index}"))
         return seqs
 
     def admit(tenant: Tenant, seqs: list[_Seq]) -> _Run:
@@ -519,11 +522,13 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
             raise bad_request("prompt must not be empty", "prompt")
         prompts: list[list[int]] = []
         vocab = engine.model.vocab_size
-        for raw in raw_prompts:
-            try:
-                ids = engine.encode(raw) if isinstance(raw, str) else list(raw)
-            except ValueError as exc:  # no tokenizer, or text it cannot encode
-                raise bad_request(str(exc), "prompt") from None
+        try:  # off the event loop: long prompts take a while to tokenize
+            encoded = await asyncio.to_thread(
+                lambda: [engine.encode(raw) if isinstance(raw, str) else list(raw)
+                         for raw in raw_prompts])
+        except ValueError as exc:  # no tokenizer, or text it cannot encode
+            raise bad_request(str(exc), "prompt") from None
+        for ids in encoded:
             if vocab is not None and any(not 0 <= t < vocab for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {vocab}).", "prompt")
             prompts.append(ids)
@@ -533,11 +538,11 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         seqs = make_seqs(request, prompts, body.n, max_tokens,
                          lambda mt, seed: body.sampling_params(mt, body.logprobs, seed),
                          body.seed)
+        echo_text = {p: (raw if isinstance(raw, str) else engine.decode(raw))
+                     for p, raw in enumerate(raw_prompts)} if body.echo else {}
         run = admit(tenant, seqs)
         rid = f"cmpl-{request.state.request_id}"
         created = int(time.time())
-        echo_text = {p: (raw if isinstance(raw, str) else engine.decode(raw))
-                     for p, raw in enumerate(raw_prompts)} if body.echo else {}
         offsets: dict[int, int] = {s.index: len(echo_text.get(s.prompt_index, ""))
                                    for s in seqs}
 
@@ -616,8 +621,8 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         adapter = await resolve_model(request, tenant, body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = engine.chat_prompt(
-                messages, add_generation_prompt=body.add_generation_prompt,
+            prompt = await asyncio.to_thread(
+                engine.chat_prompt, messages, add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
                 template_kwargs=dict(body.chat_template_kwargs or {}),
             )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loramux.server.errors import APIError, overloaded, rate_limited
+from loramux.server.errors import APIError, bad_request, overloaded, rate_limited
 from loramux.server.tenants import Tenant
 
 Clock = Callable[[], float]
@@ -143,6 +143,9 @@ class Limiter:
                     f"(this request may use {tokens}).",
                     retry_after=wait,
                 )
+        if sequences > self.capacity:  # would never fit: refuse it rather than let it in alone
+            raise bad_request(f"This request asks for {sequences} sequences (prompts times n); "
+                              f"this server runs at most {self.capacity} at once.", "n")
         if self.in_flight + sequences > self.capacity and self.in_flight > 0:
             raise overloaded("The server is overloaded; retry shortly.", retry_after=1.0)
         if state.requests is not None:

@@ -13,6 +13,7 @@ Everything that may block (registry loads, lazy resolution, validation) runs thr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
@@ -171,6 +172,12 @@ class LocalEngineClient:
         tokenizer = self.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        # Template variables only: a named argument of apply_chat_template ("chat_template"
+        # above all, which would run a client's own Jinja on the server) is the operator's.
+        named = inspect.signature(tokenizer.apply_chat_template).parameters
+        reserved = sorted(k for k in template_kwargs if k in named)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
         try:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt,

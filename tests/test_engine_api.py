@@ -6,6 +6,7 @@ other supported architectures against transformers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +97,13 @@ def test_stop_token_ids_and_max_tokens(env: dict[str, Any]) -> None:
                                                          stop_token_ids=(ref[i],)))[0]
     assert out.token_ids == ref[:i + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", ref[i])
+    # The stop token's text is left out unless asked for, as in vLLM.
+    tok = ToyTokenizer()
+    with_text = _engine(env, tokenizer=tok)
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(ref[i],))
+    assert with_text.generate([prompt], params)[0].text == tok.decode(ref[:i])
+    params = dataclasses.replace(params, include_stop_str_in_output=True)
+    assert with_text.generate([prompt], params)[0].text == tok.decode(ref[:i + 1])
     out = _engine(env).generate([prompt], SamplingParams(max_tokens=5, temperature=0.0))[0]
     assert out.token_ids == ref[:5] and out.finish_reason == "length"
     assert out.usage == {"prompt_tokens": len(prompt), "completion_tokens": 5,
@@ -117,6 +125,11 @@ def test_text_deltas_and_stop_strings(env: dict[str, Any]) -> None:
     keep = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,),
                                                     include_stop_str_in_output=True))[0]
     assert keep.text == full.text[:cut + len(stop)]
+    for start, end in ((1, 6), (0, 3), (2, 9)):  # stops longer than the text so far too
+        stop = full.text[start:end]
+        out = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0,
+                                                       stop=(stop, "never-seen-stop")))[0]
+        assert (out.text, out.stop_reason) == (full.text[:full.text.index(stop)], stop)
     text_prompt = engine.generate([tok.decode(prompt)], SamplingParams(max_tokens=3,
                                                                        temperature=0.0))[0]
     assert text_prompt.num_prompt_tokens == len(prompt)

@@ -167,6 +167,23 @@ def test_filters_that_keep_one_token_equal_greedy(params: dict[str, Any]) -> Non
     assert out.token_ids == torch.argmax(logits, dim=-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_vanishing_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    """logits / 1e-40 overflows to inf and softmax to NaN: such rows must sample greedily."""
+    logits = rand_logits(16, 333, scale=3.0)
+    states = [state(temperature=temperature, seed=i) for i in range(16)]
+    out = Sampler(seed=0).sample(logits, states)
+    assert out.token_ids == torch.argmax(logits, dim=-1).tolist()
+
+
+def test_seeds_outside_64_bits_are_refused_up_front() -> None:
+    SamplingParams(seed=2**63 - 1)
+    SamplingParams(seed=-(2**63))
+    for seed in (2**63, 2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
+
+
 # ---- distributions ------------------------------------------------------------------------
 
 LOGITS = torch.tensor([1.5, 0.2, -0.7, 0.9, -2.0, 0.0])

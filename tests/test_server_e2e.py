@@ -188,6 +188,25 @@ def test_sampling_options_and_logprobs(server: LiveServer, world: World) -> None
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
 
 
+def test_chat_template_kwargs_are_variables_not_a_template(server: LiveServer) -> None:
+    """A client may pass template variables, never its own Jinja template (it would run on the
+    server) nor arguments the server sets itself."""
+    messages = [{"role": "user", "content": "x"}]
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+    url = server.url + "/v1/chat/completions"
+    for kwargs in ({"chat_template": "{% for i in range(9) %}{{ i }}{% endfor %}"},
+                   {"tokenize": True}, {"add_generation_prompt": False}):
+        response = httpx.post(url, headers=h, timeout=60, json={
+            "model": BASE, "messages": messages, "max_tokens": 2,
+            "chat_template_kwargs": kwargs})
+        assert response.status_code == 400, response.text
+        assert next(iter(kwargs)) in response.json()["error"]["message"]
+    ok = httpx.post(url, headers=h, timeout=60, json={
+        "model": BASE, "messages": messages, "max_tokens": 2,
+        "chat_template_kwargs": {"enable_thinking": False}})
+    assert ok.status_code == 200, ok.text
+
+
 def test_concurrent_requests_for_different_adapters_equal_peft(server: LiveServer,
                                                                world: World) -> None:
     jobs: list[tuple[str, str | None, str, str, int]] = []  # tenant, adapter, model, prompt, n

@@ -89,6 +89,46 @@ def test_bad_bodies_are_openai_400s(client: TestClient) -> None:
     assert err["param"] == "tools"
 
 
+def test_seeds_beyond_64_bits_are_400_before_anything_runs() -> None:
+    """torch refuses such seeds; inside the step that would fail every running request."""
+    engine = FakeEngine()
+    with make_client(engine) as client:
+        h = auth("acme")
+        for seed, n in ((2**64, 1), (2**63, 1), (2**63 - 1, 2)):  # n=2: seed + 1 overflows
+            err = assert_error(client.post("/v1/completions", headers=h, json={
+                "model": "base", "prompt": "x", "seed": seed, "n": n}), 400)
+            assert "seed" in err["message"]
+        assert engine.started == []
+        ok = client.post("/v1/completions", headers=h,
+                         json={"model": "base", "prompt": "x", "seed": 2**63 - 2, "n": 2})
+        assert ok.status_code == 200, ok.text
+
+
+def test_a_request_larger_than_the_server_is_400_even_when_idle() -> None:
+    """prompts x n beyond max_num_seqs + max_queue can never fit: refused, not let in alone."""
+    engine = FakeEngine()
+    app = create_app(ServerConfig(engine=EngineConfig(max_num_seqs=2), max_queue=2), engine,
+                     tenants=tenant_table())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        body = {"model": "base", "prompt": ["a", "b", "c"], "n": 2}
+        err = assert_error(client.post("/v1/completions", headers=auth("acme"), json=body), 400)
+        assert err["param"] == "n" and "at most 4" in err["message"]
+        assert engine.started == []
+        body["n"] = 1
+        assert client.post("/v1/completions", headers=auth("acme"), json=body).status_code == 200
+
+
+def test_reused_client_request_ids_do_not_collide_in_the_engine() -> None:
+    engine = FakeEngine()
+    with make_client(engine) as client:
+        headers = {**auth("acme"), "X-Request-Id": "retry-1"}
+        for _ in range(2):
+            ok = client.post("/v1/completions", headers=headers,
+                             json={"model": "base", "prompt": "x", "n": 2})
+            assert ok.status_code == 200, ok.text
+        assert len(set(engine.started)) == 4
+
+
 def test_json_body_without_content_type_is_accepted(client: TestClient) -> None:
     # `curl -d '{...}'` sends application/x-www-form-urlencoded.
     response = client.post(
