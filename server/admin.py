@@ -48,6 +48,7 @@ from loramux.server.openai_schemas import (
     LoadLoraAdapterRequest,
     UnloadLoraAdapterRequest,
     parse_body,
+    read_body,
 )
 
 log = logging.getLogger("loramux.admin")
@@ -128,14 +129,14 @@ def build_admin_router() -> APIRouter:
 
     @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(request: Request) -> str:
-        body = parse_body(await request.body(), LoadLoraAdapterRequest)
+        body = parse_body(await read_body(request), LoadLoraAdapterRequest)
         row = await load(request, body.lora_name, Path(body.lora_path), pinned=False)
         log.info("admin: loaded %s v%d from %s", row.name, row.version, row.path)
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
     @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
     async def unload_lora_adapter(request: Request) -> str:
-        body = parse_body(await request.body(), UnloadLoraAdapterRequest)
+        body = parse_body(await read_body(request), UnloadLoraAdapterRequest)
         request.state.adapter = body.lora_name
         try:
             await _state(request).engine.unload_adapter(body.lora_name)
@@ -169,7 +170,7 @@ def build_admin_router() -> APIRouter:
 
     @router.post("/admin/adapters", status_code=201)
     async def load_adapter(request: Request) -> dict[str, Any]:
-        body = parse_body(await request.body(), AdminLoadRequest)
+        body = parse_body(await read_body(request), AdminLoadRequest)
         root = _root(request)
         path = Path(body.path) if body.path else Path(body.name)
         if not path.is_absolute():

@@ -65,6 +65,7 @@ from loramux.server.openai_schemas import (
     TopLogprob,
     Usage,
     parse_body,
+    read_body,
 )
 from loramux.server.tenants import Tenant, TenantTable, load_tenants
 
@@ -511,7 +512,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, tenant: TenantDep) -> Any:
-        body = parse_body(await request.body(), CompletionRequest)
+        body = parse_body(await read_body(request), CompletionRequest)
         problem = body.unsupported()
         if problem is not None:
             raise bad_request(problem[1], problem[0])
@@ -613,7 +614,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, tenant: TenantDep
                                ) -> Any:
-        body = parse_body(await request.body(), ChatCompletionRequest)
+        body = parse_body(await read_body(request), ChatCompletionRequest)
         problem = body.unsupported()
         if problem is not None:
             raise bad_request(problem[1], problem[0])

@@ -14,9 +14,10 @@ import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
 from loramux.engine.sampling_params import SamplingParams
-from loramux.server.errors import validation_error
+from loramux.server.errors import APIError, validation_error
 
 
 class _Request(BaseModel):
@@ -24,6 +25,24 @@ class _Request(BaseModel):
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+MAX_BODY_BYTES = 16 << 20  # a JSON body; far beyond any context's worth of text or ids
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, refused with 413 as soon as it passes `limit` bytes (before it is
+    all in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"The request body is {declared} bytes; the limit is {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:

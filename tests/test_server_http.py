@@ -129,6 +129,22 @@ def test_reused_client_request_ids_do_not_collide_in_the_engine() -> None:
         assert len(set(engine.started)) == 4
 
 
+def test_oversize_json_bodies_are_413_without_reading_them_whole(client: TestClient) -> None:
+    from loramux.server.openai_schemas import MAX_BODY_BYTES
+
+    body = json.dumps({"model": "base", "prompt": "x" * MAX_BODY_BYTES}).encode()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert_error(client.post(path, content=body, headers=auth("acme")), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b" " * (1 << 20)
+
+    assert_error(client.post("/v1/completions", content=chunks(), headers=auth("acme")), 413)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    assert_error(client.post("/v1/load_lora_adapter", content=body, headers=admin), 413)
+
+
 def test_json_body_without_content_type_is_accepted(client: TestClient) -> None:
     # `curl -d '{...}'` sends application/x-www-form-urlencoded.
     response = client.post(
