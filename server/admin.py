@@ -210,19 +210,25 @@ def build_admin_router() -> APIRouter:
     async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
         request.state.adapter = name
         engine = _state(request).engine
-        unloaded = True
-        try:
-            await engine.unload_adapter(name)
-        except AdapterNotFound:
-            unloaded = False
-        removed = False
+        # An uploaded folder is moved aside first (one atomic rename), so no request can load
+        # it lazily again between the unload and the removal of its files.
+        removed, trash = False, None
         root = engine.adapter_root
         if root is not None:
             _check_name(name)
             folder = root / name
             if (folder / UPLOAD_MARKER).is_file():
-                await asyncio.to_thread(shutil.rmtree, folder, True)
+                trash = root / UPLOAD_DIR / f".deleted-{name}-{uuid.uuid4().hex[:12]}"
+                trash.parent.mkdir(exist_ok=True)
+                folder.rename(trash)
                 removed = True
+        unloaded = True
+        try:
+            await engine.unload_adapter(name)
+        except AdapterNotFound:
+            unloaded = False
+        if trash is not None:
+            await asyncio.to_thread(shutil.rmtree, trash, True)
         if not unloaded and not removed:
             raise _adapter_error(AdapterNotFound(name), name)
         log.info("admin: deleted %s (unloaded=%s, files removed=%s)", name, unloaded, removed)
