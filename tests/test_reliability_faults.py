@@ -94,7 +94,7 @@ def test_disconnects_free_kv_blocks_and_adapter_references(live: LiveServer,
 
     def impatient(model: str, tenant: str) -> None:
         try:
-            completion(live.url, tenant, model, "I will not wait", 450, timeout=0.5)
+            completion(live.url, tenant, model, "I will not wait", 490, timeout=0.2)
         except httpx.TimeoutException as exc:
             gave_up.append(exc)
 
