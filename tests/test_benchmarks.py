@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loramux.loadtest.benchmarks import QUICK, SCHEMA, cached_adapters, main
-from loramux.loadtest.report import load_result
+from loramux.loadtest.benchmarks import QUICK, SCHEMA, best_of, cached_adapters, main, ratios
+from loramux.loadtest.report import LoadedResult, load_result
 from server_model import make_model_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,3 +94,15 @@ def test_adapters_are_made_once(quick: tuple[Path, dict[str, Any]]) -> None:
     again = cached_adapters(doc["model_dir"], root, QUICK)
     assert list(again) == [f"lt-{i:03d}" for i in range(QUICK.made)]
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/adapter_model.safetensors")} == before
+
+
+def test_best_round_and_ratios() -> None:
+    runs = [LoadedResult(Path(f"r{i}"), "x", {"output_tokens_per_s": tps,
+                                              "output_tokens_per_cpu_s": cpu}, [])
+            for i, (tps, cpu) in enumerate(((40.0, 30.0), (50.0, 25.0), (45.0, 35.0)))]
+    best = best_of(runs)
+    assert best is runs[1]  # the fastest round; its figures are not mixed with others'
+    assert [r["output_tokens_per_s"] for r in best.summary["rounds"]] == [40.0, 50.0, 45.0]
+    assert [r["path"] for r in best.summary["rounds"]] == ["r0", "r1", "r2"]
+    assert ratios(best.summary, runs[0].summary) == {"output_tokens_per_s": 1.25,
+                                                     "output_tokens_per_cpu_s": 25.0 / 30.0}
