@@ -24,7 +24,7 @@ from reliability_world import (
 from server_harness import LiveServer
 
 MAX_EXAMPLES = 25  # per operation and mode; derandomized, so every run sends the same
-GENERATION_EXAMPLES = 60  # the two generation routes have the most to explore
+GENERATION_EXAMPLES = 50  # the two generation routes have the most to explore
 # Models a fuzzed body is pointed at (by the generated name's length, so it stays
 # deterministic): most generated names are unknown (a 404), these reach the engine.
 VALID_MODELS = (BASE, "acme-one", "acme-two")
@@ -38,7 +38,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 @pytest.fixture(scope="module")
 def live(world: World) -> Iterator[LiveServer]:
     # A short context keeps every accepted generation small, whatever max_tokens says.
-    with world.serve(engine={"max_model_len": 48}, metrics_token=METRICS_TOKEN,
+    with world.serve(engine={"max_model_len": 36}, metrics_token=METRICS_TOKEN,
                      max_upload_bytes=256 << 10) as server:
         yield server
 
@@ -108,5 +108,6 @@ def test_fuzzed_requests_never_5xx_and_errors_are_openai_bodies(api: Any,
     assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
     print({label: dict(counts) for label, counts in seen.items()})
     if mode == GenerationMode.POSITIVE:  # the fuzz went past validation into the engine
-        for label in ("POST /v1/completions", "POST /v1/chat/completions"):
-            assert seen[label][200] > 0, seen[label]
+        generated = [seen[label] for label in ("POST /v1/completions",
+                                               "POST /v1/chat/completions")]
+        assert sum(counts[200] for counts in generated) >= 5, generated
