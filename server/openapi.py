@@ -77,6 +77,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     components["securitySchemes"] = {
         "apiKey": {"type": "http", "scheme": "bearer", "description": "a tenant's API key"},
         "adminToken": {"type": "http", "scheme": "bearer", "description": "the admin token"},
+        "metricsToken": {"type": "http", "scheme": "bearer",
+                         "description": "the metrics (or admin) token, when one is set"},
     }
     for (path, method), model in _BODIES.items():
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -95,11 +97,13 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
             if path in _OPEN:
-                statuses = ("503",) if path == "/ready" else ()
+                statuses = {"/ready": ("503",), "/metrics": ("401",)}.get(path, ())
             else:
                 statuses = tuple(_ERROR_STATUSES)
                 operation["security"] = [{"apiKey": []} if path in _PUBLIC
                                          else {"adminToken": []}]
+            if path == "/metrics":  # open unless --metrics-token is set
+                operation["security"] = [{}, {"metricsToken": []}, {"adminToken": []}]
             for status in statuses:
                 responses.setdefault(status, {"description": _ERROR_STATUSES[status], **error})
     return schema
