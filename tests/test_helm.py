@@ -170,6 +170,11 @@ COMBOS: dict[str, dict[str, Any]] = {
             }}},
         },
     },
+    # /metrics behind a token that the ServiceMonitor sends.
+    "metrics-token": {
+        "auth": {"metricsToken": {"enabled": True}},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
     "existing-secret": {
         "auth": {"existingSecret": "loramux-auth",
                  "secretKeys": {"adminToken": "token", "apiKeys": "tenants.yaml"}},
@@ -330,6 +335,12 @@ SERVICE_MONITOR = _resource("monitoring.coreos.com/v1", "ServiceMonitor", {
                 "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
                 "interval": _DURATION, "scrapeTimeout": _DURATION,
                 "honorLabels": {"type": "boolean"},
+                "authorization": {"type": "object", "properties": {
+                    "type": {"type": "string"},
+                    "credentials": {"type": "object", "required": ["key"], "properties": {
+                        "name": {"type": "string"}, "key": {"type": "string"},
+                        "optional": {"type": "boolean"}}, "additionalProperties": False}},
+                    "additionalProperties": False},
             },
             "additionalProperties": False}},
     },
@@ -929,6 +940,25 @@ def test_service_monitor_scrapes_the_metrics_port(renders: dict[str, Render], na
     if name == "servicemonitor":
         assert endpoint["interval"] == "5s"
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_metrics_token_reaches_the_server_and_the_service_monitor(
+        renders: dict[str, Render]) -> None:
+    """With auth.metricsToken on, the pod reads LORAMUX_METRICS_TOKEN from the Secret and the
+    ServiceMonitor sends the same Secret key as a bearer token; off, neither appears."""
+    render = renders["metrics-token"]
+    env = {e["name"]: e for e in render.server["env"]}
+    ref = env["LORAMUX_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]
+    secret = render.one("Secret")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+    assert len(base64.b64decode(secret["data"][ref["key"]])) >= 32
+    (endpoint,) = render.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": ref}
+    for name in ("default", "servicemonitor"):
+        assert "LORAMUX_METRICS_TOKEN" not in {e["name"] for e in renders[name].server["env"]}
+        assert "metrics-token" not in renders[name].one("Secret")["data"]
+    (endpoint,) = renders["servicemonitor"].one("ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in endpoint
 
 
 def test_service_and_pdb_select_the_pods(renders: dict[str, Render]) -> None:
