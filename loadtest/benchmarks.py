@@ -420,7 +420,10 @@ def machine() -> dict[str, Any]:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # OpenMP settings matter on a shared CPU (docs/benchmarks.md); servers inherit them
+            "env": {k: v for k, v in sorted(os.environ.items())
+                    if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}}
 
 
 def source() -> dict[str, Any]:
