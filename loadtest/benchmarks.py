@@ -260,13 +260,13 @@ class Bench:
         config = json.loads((self.out / name / "results.json").read_text())["config"]
         return _with_cpu(result, config["process_cpu_s"])
 
-    def prime(self, server: ServerProcess, count: int) -> None:
+    def prime(self, server: ServerProcess, count: int, prefix: str) -> None:
         """One short request to each of the first `count` adapters and to the base, so that
         the measured runs start with those adapters resident and the server warm."""
         print(f"\n## priming: one request to each of {count} adapters", flush=True)
-        for name, args in (("prime-base", ("--adapters", "none")),
-                           ("prime-adapters", ("--num-adapters", str(count), "--popularity",
-                                               "distinct"))):
+        for name, args in ((f"{prefix}-base", ("--adapters", "none")),
+                           (f"{prefix}-adapters", ("--num-adapters", str(count), "--popularity",
+                                                   "distinct"))):
             self.run(server, name, *args, concurrency=count, requests=count, prompt_len=8,
                      output_len=2, warmup=0)
 
@@ -466,7 +466,7 @@ def run_benchmarks(out: Path, plan: Plan, model_dir: str, *, device: str = "auto
               flush=True)
         with ServerProcess(argv, out / f"server-{name}.log", out) as process:
             load_all(process.url, adapters, token)
-            bench.prime(process, slots)
+            bench.prime(process, slots, f"prime-{name}")
             yield process
 
     with server("resident", plan.made) as process:
