@@ -211,12 +211,12 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self._prompt_tokens += seq.num_prompt_tokens
-            if reason == "stop" and token in seq.params.stop_token_ids:
+            stop_token = reason == "stop" and token in seq.params.stop_token_ids
+            if stop_token:
                 seq.stop_reason = token
             if reason is None and seq.num_tokens >= self.max_seq_len:
                 reason = "length"
-            if (seq.stop_reason == token and reason == "stop"
-                    and not seq.params.include_stop_str_in_output):
+            if stop_token and not seq.params.include_stop_str_in_output:
                 text = ""  # a stop token's own text is not output (as in vLLM)
             else:
                 text = self._detokenize(seq, token)

@@ -81,9 +81,10 @@ def _check(outputs: dict[str, RequestOutput], cases: dict[str, Case], reference:
 
 def _run(engine: LLMEngine, cases: dict[str, Case], arrivals: dict[int, list[str]] | None = None,
          ) -> dict[str, RequestOutput]:
-    """Queue cases (all at once, or at the given step numbers) and step until all finish."""
+    """Queue cases (all at once, or at the given step numbers) and step until all finish;
+    the outputs of requests queued before the call are returned too."""
     pending = arrivals or {0: list(cases)}
-    tokens: dict[str, list[int]] = {rid: [] for rid in cases}
+    tokens: dict[str, list[int]] = {rid: [] for rid in [*engine.requests, *cases]}
     finals: dict[str, RequestOutput] = {}
     step, deadline = 0, time.monotonic() + 120
     while pending or engine.has_unfinished():
@@ -97,7 +98,7 @@ def _run(engine: LLMEngine, cases: dict[str, Case], arrivals: dict[int, list[str
             time.sleep(0.002)  # everything queued waits for an adapter page-in
         step += 1
         assert time.monotonic() < deadline, "the engine stopped making progress"
-    return {rid: dataclasses.replace(finals[rid], token_ids=tokens[rid]) for rid in cases}
+    return {rid: dataclasses.replace(finals[rid], token_ids=tokens[rid]) for rid in tokens}
 
 
 def test_every_adapter_changes_the_base_output(setup: dict[str, Any]) -> None:
@@ -256,7 +257,7 @@ def test_a_request_queued_before_a_reload_gets_the_new_version(
             shutil.copy(paths["r16-all"] / name, x / name)
         reg.load("x", x, trusted=True)
         engine.add_request("after", prompt, GREEDY, "x")
-        outputs = {rid: o for rid, o in zip(["before", "after"], engine_generate(engine))}
+        outputs = _run(engine, {})
         for rid in ("before", "after"):
             assert outputs[rid].finish_reason == "length", outputs[rid]
             assert outputs[rid].token_ids == setup["ref"](prompt, "r16-all"), rid
@@ -279,36 +280,16 @@ def test_dropout_never_runs_at_inference(setup: dict[str, Any], tmp_path: Path) 
         engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=8, kv_cache_tokens=1024,
                                                        block_size=4), adapters=reg)
         ps = prompts(3, seed=31)
-        for rid, p in enumerate(ps):
-            for name in paths:
-                engine.add_request(f"{name}-{rid}", p, GREEDY, name)
-        first = {o.request_id: o.token_ids for o in engine_generate(engine)}
-        for rid, p in enumerate(ps):
-            engine.add_request(f"again-{rid}", p, GREEDY, "d0.5")
-        again = {o.request_id: o.token_ids for o in engine_generate(engine)}
+        first = _run(engine, {f"{name}-{rid}": (p, name) for rid, p in enumerate(ps)
+                              for name in paths})
+        again = _run(engine, {f"again-{rid}": (p, "d0.5") for rid, p in enumerate(ps)})
         pm = peft_model(deep(setup["base"]), {"dropout": paths["d0.5"]})
         for rid, p in enumerate(ps):
             expected = peft_greedy(pm, "dropout", p)
-            assert first[f"d0.5-{rid}"] == first[f"d0.0-{rid}"] == expected
-            assert again[f"again-{rid}"] == expected
+            assert first[f"d0.5-{rid}"].token_ids == first[f"d0.0-{rid}"].token_ids == expected
+            assert again[f"again-{rid}"].token_ids == expected
     finally:
         reg.close()
-
-
-def engine_generate(engine: LLMEngine) -> list[RequestOutput]:
-    """Step until every queued request finishes; merged outputs in order of arrival."""
-    tokens: dict[str, list[int]] = {rid: [] for rid in engine.requests}
-    finals: dict[str, RequestOutput] = {}
-    deadline = time.monotonic() + 60
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += out.token_ids
-            if out.finished:
-                finals[out.request_id] = out
-        if engine.last_step_tokens == 0:
-            time.sleep(0.002)
-        assert time.monotonic() < deadline, "the engine stopped making progress"
-    return [dataclasses.replace(finals[rid], token_ids=tokens[rid]) for rid in tokens]
 
 
 # ---------------------------------------------------------------------- nf4 base
