@@ -23,6 +23,7 @@ Backends, chosen once at load time:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,13 +55,14 @@ class LoraMeta:
         self.segments: list[tuple[int, int, int]] = []  # (start, end, slot), host copy
         self.plan: Any = None  # a backend's own per-step plan (GatherLora: its BGMV indices)
 
-    def fill(self, segments: list[tuple[int, int, int]], sgmv_min_rows: int = 0) -> None:
-        """Load (start, end, slot) segments in row order; segments of at least sgmv_min_rows
-        rows (all, by default) are marked for the kernels in `sgmv_slots`."""
+    def fill(self, segments: list[tuple[int, int, int]],
+             not_for_kernels: Collection[int] = ()) -> None:
+        """Load (start, end, slot) segments in row order; the segments of every slot not in
+        `not_for_kernels` (all, by default) are marked for the kernels in `sgmv_slots`."""
         n = len(segments)
         starts = [0] + [end for _, end, _ in segments]
         slots = [slot for _, _, slot in segments]
-        sgmv = [slot if end - start >= sgmv_min_rows else -1 for start, end, slot in segments]
+        sgmv = [-1 if slot in not_for_kernels else slot for slot in slots]
         self._starts[: n + 1].copy_(torch.tensor(starts, dtype=torch.int32))
         self._slots[:n].copy_(torch.tensor(slots, dtype=torch.int32))
         self._sgmv_slots[:n].copy_(torch.tensor(sgmv, dtype=torch.int32))

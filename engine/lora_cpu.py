@@ -1,4 +1,4 @@
-"""CPU LoRA: BGMV over stacked adapter copies for short segments, the SGMV kernels for long ones.
+"""CPU LoRA: BGMV over stacked adapter copies, the SGMV kernels for groups too long to pad.
 
 Why a CPU-specific path: a decode step with many adapters is bound by reading their weights
 (32 adapters of rank 8-16 on every projection of a 135M model weigh ~87% of the base). A loop
@@ -20,8 +20,12 @@ order, rows 10 (slot 5), 11 and 12 (slot 7), so the bucket covers rows r0=10 .. 
     v = x[x_index].view(3, 2, in) @ a^T -> [3, 2, R];  delta = v @ bt -> [3, 2, out]
     out[10:13] += delta.view(6, out)[take]
 In the common decode step (one row per adapter, no holes) x_index and take are not needed:
-two bmm and one add per projection and bucket.
+one bmm and one in-place baddbmm (the add fused into the second matmul) per projection and
+bucket, on views of the stacks made once per bucket and count of positions.
 Numerically this is the kernels' contract: padding rows are zero, the scale is folded into B.
+Which groups take this path (`_stacked`): every group of up to BGMV_MAX_SEGMENT_ROWS rows
+(decode), and longer ones while the bucket's padded rows stay within PAD_ROWS_PER_GROUP per
+multi-row group (prefills of similar length); the rest go to the kernels, one matmul pair each.
 
 Invariants:
   - `where[s] = (R, p)` iff position p of bucket R holds a copy of the adapter that was in
@@ -30,7 +34,8 @@ Invariants:
     every reference to its old adapter is released, and the engine holds one for every adapter
     it runs, so a copy is never stale while it is used);
   - positions whose slot has no row this step are computed but discarded (holes); a bucket is
-    compacted when holes exceed a quarter of it, moving tail positions into holes.
+    compacted when holes exceed a quarter of it (any hole, when k > 1: a hole costs k padded
+    rows), moving tail positions into holes.
 """
 
 from __future__ import annotations
@@ -41,7 +46,12 @@ import torch
 from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
 from loramux.engine.lora import LoraMeta, SlotGroup, lora_apply, segments_in_order
 
-BGMV_MAX_SEGMENT_ROWS = 4  # longer segments go to the SGMV kernels (one matmul per segment)
+BGMV_MAX_SEGMENT_ROWS = 4  # groups this short always go through the stacks
+# Padded rows a bucket may compute per multi-row group it takes from the kernels. Measured on a
+# 2-vCPU Xeon at SmolLM2's q and gate shapes, rank 16: a group costs the kernels ~30 us of calls
+# per projection, a padded row ~0.3 us; 64 stays on the cheap side of that break-even (~90).
+# Rerun: python -m loramux.loadtest.benchmark_stacking
+PAD_ROWS_PER_GROUP = 64
 
 
 @dataclass
@@ -52,10 +62,21 @@ class _Bucket:
     a: list[list[torch.Tensor]]  # [L][M] -> [cap, R, in]
     bt: list[list[torch.Tensor]]  # [L][M] -> [cap, R, out]
     entries: list[tuple[int, AdapterRef] | None] = field(default_factory=list)  # [P]
+    # P -> [L][M] (a[:P] transposed, bt[:P]): views made once, not per projection per step
+    views: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(
+        default_factory=dict)
 
     @property
     def capacity(self) -> int:
         return self.a[0][0].shape[0]
+
+    def views_of(self, num_pos: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        views = self.views.get(num_pos)
+        if views is None:
+            views = self.views[num_pos] = [
+                [(a[:num_pos].transpose(1, 2), bt[:num_pos]) for a, bt in zip(a_l, bt_l)]
+                for a_l, bt_l in zip(self.a, self.bt)]
+        return views
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class _BucketPlan:
 
     bucket: _Bucket
     num_pos: int  # P: positions multiplied (holes included)
-    full: bool  # P == the bucket's capacity: the stacks are used without slicing
+    views: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [L][M] (a[:P]^T [P, in, R], bt[:P])
     k: int  # rows per position (the longest short segment of the bucket)
     r0: int
     r1: int
@@ -88,28 +109,58 @@ class GatherLora:
         self.where: dict[int, tuple[int, int]] = {}  # slot -> (bucket rank, position)
 
     def prepare(self, groups: list[SlotGroup], meta: LoraMeta) -> list[int]:
-        """Place the short groups' adapters in the stacks and lay the batch out as: long and
-        base groups first (kernels), then short groups by (bucket, position), so that each
-        bucket's rows are one contiguous range in the order of its positions."""
-        short = {g.slot: g for g in groups
-                 if g.slot >= 0 and g.num_rows <= BGMV_MAX_SEGMENT_ROWS}
+        """Place the stacked groups' adapters (`_stacked`) in the stacks and lay the batch out
+        as: kernel and base groups first, then stacked groups by (bucket, position), so that
+        each bucket's rows are one contiguous range in the order of its positions."""
+        short = self._stacked(groups)
         for slot, group in short.items():
             assert group.ref is not None
             self._place(slot, group.ref)
         for bucket in self.buckets.values():
-            in_use = sum(1 for e in bucket.entries if e is not None and e[0] in short)
-            if in_use and len(bucket.entries) - in_use > max(2, len(bucket.entries) // 4):
+            used = [short[e[0]].num_rows for e in bucket.entries
+                    if e is not None and e[0] in short]
+            holes = len(bucket.entries) - len(used)
+            # a hole costs k padded rows: with multi-row positions, leave none
+            if used and holes > (0 if max(used) > 1 else max(2, len(bucket.entries) // 4)):
                 self._compact(bucket, short)
         order = [i for i, g in enumerate(groups) if g.slot not in short]
         order += sorted((i for i, g in enumerate(groups) if g.slot in short),
                         key=lambda i: self.where[groups[i].slot])
         segments = segments_in_order(groups, order)
-        meta.fill(segments, sgmv_min_rows=BGMV_MAX_SEGMENT_ROWS + 1)
+        meta.fill(segments, not_for_kernels=short)
         starts = {slot: start for start, _, slot in segments}
         meta.plan = [self._plan(b, short, starts) for b in sorted(self.buckets.values(),
                                                                     key=lambda b: b.rank)
                      if any(e is not None and e[0] in short for e in b.entries)]
         return order
+
+    def _stacked(self, groups: list[SlotGroup]) -> dict[int, SlotGroup]:
+        """The adapter groups that go through the stacks this step; the rest go to the kernels.
+
+        A bucket multiplies k rows per position, k = its longest group, so a group of n rows
+        costs k - n padded rows. Groups of up to BGMV_MAX_SEGMENT_ROWS rows always go (decode);
+        a bucket also takes longer groups, longest last, while its padded rows stay within
+        PAD_ROWS_PER_GROUP per multi-row group (prefills of similar length, a popular adapter
+        among several).
+        """
+        by_bucket: dict[int, list[SlotGroup]] = {}
+        for g in groups:
+            if g.slot >= 0:
+                rank = _bucket_rank(int(self.tables.ranks[:, :, g.slot].max()))
+                by_bucket.setdefault(rank, []).append(g)
+        short: dict[int, SlotGroup] = {}
+        for members in by_bucket.values():
+            members.sort(key=lambda g: g.num_rows)
+            rows = sum(g.num_rows for g in members)
+            multi = sum(g.num_rows > 1 for g in members)
+            while members and members[-1].num_rows > BGMV_MAX_SEGMENT_ROWS:
+                padded = len(members) * members[-1].num_rows - rows
+                if padded <= PAD_ROWS_PER_GROUP * multi:
+                    break
+                rows -= members.pop().num_rows
+                multi -= 1
+            short.update((g.slot, g) for g in members)
+        return short
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, layer: int,
               module: int) -> None:
@@ -117,17 +168,15 @@ class GatherLora:
         for plan in meta.plan or ():
             if not plan.active[layer][module]:
                 continue
-            n, k = plan.num_pos, plan.k
-            a = plan.bucket.a[layer][module]  # [cap, R, in]
-            bt = plan.bucket.bt[layer][module]  # [cap, R, out]
-            if not plan.full:
-                a, bt = a[:n], bt[:n]  # [P, R, in], [P, R, out]
-            xs = x[plan.r0:plan.r1] if plan.x_index is None else x.index_select(0, plan.x_index)
-            v = torch.bmm(xs.view(n, k, -1), a.transpose(1, 2))  # [P, k, R]
+            n, k, r0, r1 = plan.num_pos, plan.k, plan.r0, plan.r1
+            a_t, bt = plan.views[layer][module]  # [P, in, R], [P, R, out]
+            if plan.x_index is None:  # dense: row r0 + p * k + j is (position p, row j)
+                v = torch.bmm(x[r0:r1].view(n, k, -1), a_t)  # [P, k, R]
+                out[r0:r1].view(n, k, -1).baddbmm_(v, bt)
+                continue
+            v = torch.bmm(x.index_select(0, plan.x_index).view(n, k, -1), a_t)
             delta = torch.bmm(v, bt).view(n * k, -1)  # [P * k, out]
-            if plan.take is not None:
-                delta = delta.index_select(0, plan.take)  # [r1 - r0, out]
-            out[plan.r0:plan.r1] += delta
+            out[r0:r1] += delta.index_select(0, plan.take)  # [r1 - r0, out]
         if meta.sgmv_active:
             lora_apply(x, out, meta, self.tables, layer, module, meta.sgmv_slots)
 
@@ -171,6 +220,7 @@ class GatherLora:
                 bigger.a[layer][m][:n] = bucket.a[layer][m]
                 bigger.bt[layer][m][:n] = bucket.bt[layer][m]
         bucket.a, bucket.bt = bigger.a, bigger.bt
+        bucket.views.clear()
 
     def _copy(self, bucket: _Bucket, pos: int, slot: int) -> None:
         """Copy the adapter in `slot` from the registry's pool to position `pos`."""
@@ -236,7 +286,7 @@ class GatherLora:
         dense = len(take) == num_pos * k  # no holes, no padding: rows r0.. are the products
         slots = torch.tensor([slot for _, slot in used], dtype=torch.int64)
         return _BucketPlan(
-            bucket=bucket, num_pos=num_pos, full=num_pos == bucket.capacity, k=k, r0=r0, r1=r1,
+            bucket=bucket, num_pos=num_pos, views=bucket.views_of(num_pos), k=k, r0=r0, r1=r1,
             x_index=None if dense else torch.tensor(x_index, dtype=torch.int64),
             take=None if dense else torch.tensor(take, dtype=torch.int64),
             active=(self.tables.ranks[:, :, slots].amax(dim=-1) > 0).tolist())

@@ -92,10 +92,14 @@ def sgmv_shrink_torch(
     hidden = x.shape[1]
     rank_list, offset_list = ranks.tolist(), a_offsets.tolist()
     plan = _plan(seg_starts, seg_slots, rank_list, hidden)
+    exact = x.dtype == a_pool.dtype == out.dtype == torch.float32  # no casts to make
     for slot, rows in plan.groups.items():
         rank, offset = rank_list[slot], offset_list[slot]
         a = a_pool[offset : offset + rank * hidden].view(rank, hidden)  # [r, H]
-        out[rows, :rank] = (x[rows].float() @ a.float().T).to(out.dtype)  # [rows, r]
+        if exact:
+            out[rows, :rank] = x[rows] @ a.T  # [rows, r]
+        else:
+            out[rows, :rank] = (x[rows].float() @ a.float().T).to(out.dtype)
     for rank, (row_list, slots) in plan.singles.items():
         offsets = [offset_list[k] for k in slots]
         a = _gather_blocks(a_pool, offsets, rank * hidden).view(-1, rank, hidden)  # [g, r, H]
@@ -124,12 +128,16 @@ def sgmv_expand_torch(
     out_features = out.shape[1]
     rank_list, offset_list, scale_list = ranks.tolist(), b_offsets.tolist(), scales.tolist()
     plan = _plan(seg_starts, seg_slots, rank_list, out_features)
+    exact = v.dtype == b_pool.dtype == out.dtype == torch.float32  # no casts to make
     for slot, rows in plan.groups.items():
         rank, offset = rank_list[slot], offset_list[slot]
         b = b_pool[offset : offset + out_features * rank].view(out_features, rank)  # [O, r]
+        if exact and isinstance(rows, slice):  # in place on the view: one call, no temporary
+            out[rows].addmm_(v[rows, :rank], b.T, alpha=scale_list[slot])
+            continue
         delta = scale_list[slot] * (v[rows, :rank].float() @ b.float().T)  # [rows, O]
         if out.dtype == torch.float32 and isinstance(rows, slice):
-            out[rows] += delta  # in place on the view: no gather, no round trip
+            out[rows] += delta
         else:
             out[rows] = (out[rows].float() + delta).to(out.dtype)
     for rank, (row_list, slots) in plan.singles.items():

@@ -16,6 +16,12 @@ process CPU time beside it) and the ratios loramux-lora / peft and loramux-lora 
 loramux-base. Also how many requests gave the same greedy tokens in loramux and PEFT (PEFT's
 left padding changes float rounding, so a near-tie can differ; most should match).
 
+And a bound for loramux-lora / loramux-base on this machine: every step must read every
+adapter in the batch once (their float32 copies, `adapter_bytes`), at best at the rate this
+machine streams memory (`stream_gb_per_s`, a sum over a buffer of that size, the same
+threads). With nothing else costing time, the LoRA run would take the base run's time plus
+steps x adapter_bytes / rate: `lora_vs_base_bound` is the base time over that.
+
     python loadtest/benchmark_engine.py                 # the issue's setting
     python loadtest/benchmark_engine.py --rounds 1 --new-tokens 32 --skip-peft   # quick look
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -70,6 +77,30 @@ def make_adapters(config: Any, count: int, ranks: list[int], root: Path) -> dict
                                  b_std=0.02)
         paths[f"bench-{i}"] = path
     return paths
+
+
+def adapter_bytes(paths: dict[str, Path], itemsize: int) -> int:
+    """Bytes of every adapter's A and B at the engine's dtype (what a step with all of them
+    reads)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in paths.values():
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total * itemsize
+
+
+def stream_rate(num_bytes: int, reps: int = 7) -> float:
+    """Bytes per second this machine reads a float32 buffer of num_bytes (median of reps)."""
+    buf = torch.ones(num_bytes // 4)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - start)
+    return num_bytes / statistics.median(times)
 
 
 def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, float, list[list[int]]]:
@@ -172,6 +203,8 @@ def main() -> None:
         for name in order:
             record(r, name, *timed(runs[name]))
     registry.close()
+    lora_bytes = adapter_bytes(paths, torch.finfo(torch.float32).bits // 8)
+    rate = stream_rate(lora_bytes)
 
     tps = {k: n * new / statistics.median(w for w, _ in v) for k, v in results.items()}
     cpu_tps = {k: n * new / statistics.median(c for _, c in v) for k, v in results.items()}
@@ -183,6 +216,10 @@ def main() -> None:
         "lora_vs_base": round(tps["loramux-lora"] / tps["loramux-base"], 3),
         "lora_vs_base_cpu": round(cpu_tps["loramux-lora"] / cpu_tps["loramux-base"], 3),
     }
+    base_wall = statistics.median(w for w, _ in results["loramux-base"])
+    report["adapter_bytes"] = lora_bytes
+    report["stream_gb_per_s"] = round(rate / 1e9, 1)
+    report["lora_vs_base_bound"] = round(base_wall / (base_wall + new * lora_bytes / rate), 3)
     if "peft" in tps:
         same = sum(a == b for a, b in zip(outputs["loramux-lora"], outputs["peft"]))
         report["lora_vs_peft"] = round(tps["loramux-lora"] / tps["peft"], 2)

@@ -224,6 +224,39 @@ def test_gather_lora_stays_right_as_batches_change() -> None:
                                                        0, m), atol=1e-5, rtol=1e-5)
 
 
+def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernels() -> None:
+    """Multi-row groups go through the stacks while padding them to the longest costs little
+    (similar prompt lengths); a group that would pad the others too much goes to the kernels.
+    Either way every projection equals the kernel reference."""
+    gen = torch.Generator().manual_seed(5)
+    spec = BaseSpec(num_layers=1, shapes={m: (16, 12) for m in MODULES})
+    tables = _random_tables(spec, 12, 16, gen)
+    buckets: dict[int, list[int]] = {}
+    for s in range(1, 12):
+        buckets.setdefault(1 << (int(tables.ranks[:, :, s].max()) - 1).bit_length(), []).append(s)
+    same = max(buckets.values(), key=len)[:4]  # four slots that share a bucket
+    assert len(same) == 4
+    lora = GatherLora(tables, spec)
+    meta = LoraMeta(16, 256, 16, torch.device("cpu"))
+
+    def check(lengths: list[int], slots: list[int]) -> None:
+        _prepare(lora, meta, lengths, slots)
+        x = torch.randn(sum(lengths), 16, generator=gen)
+        for m in range(len(MODULES)):
+            out = torch.randn(sum(lengths), 12, generator=gen)
+            ref = _reference(x, out, tables, meta, 0, m)
+            lora.apply(x, out, meta, 0, m)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    check([1, 1, 1, 1], same)  # decode: all four placed
+    check([12, 11, 12], same[:3])  # prefills of similar length: all stacked, the hole compacted
+    assert not meta.sgmv_active
+    assert [(p.num_pos, p.k) for p in meta.plan] == [(3, 12)]
+    check([40, 1, 1, 1], same)  # 117 padded rows for one long group: that one to the kernels
+    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[0]]
+    assert [p.k for p in meta.plan] == [1]
+
+
 # ---------------------------------------------------------------------- scheduler
 
 
