@@ -106,3 +106,22 @@ def test_best_round_and_ratios() -> None:
     assert [r["path"] for r in best.summary["rounds"]] == ["r0", "r1", "r2"]
     assert ratios(best.summary, runs[0].summary) == {"output_tokens_per_s": 1.25,
                                                      "output_tokens_per_cpu_s": 25.0 / 30.0}
+
+
+def test_engine_benchmark_counts_the_bytes_a_step_reads(tmp_path: Path) -> None:
+    """benchmark_engine's ceiling rests on adapter_bytes: every A [r, in] and B [out, r] of
+    every adapted projection, at 4 bytes (float32), for each adapter."""
+    from adapter_factory import make_adapter, tiny_llama_config
+    from loramux.adapters.types import MODULES
+    from loramux.loadtest.benchmark_engine import adapter_bytes, stream_rate
+
+    config = tiny_llama_config()
+    paths = {f"a{r}": make_adapter(tmp_path / f"r{r}", config, rank=r) for r in (4, 8)}
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    shapes = {"q_proj": (h, config.num_attention_heads * config.head_dim), "k_proj": (h, kv),
+              "v_proj": (h, kv), "o_proj": (config.num_attention_heads * config.head_dim, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    per_rank = config.num_hidden_layers * sum(i + o for i, o in (shapes[m] for m in MODULES))
+    assert adapter_bytes(paths, 4) == 4 * (4 + 8) * per_rank
+    assert stream_rate(1 << 20, reps=3) > 0
