@@ -174,10 +174,11 @@ class LocalEngineClient:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
         # Template variables only: a named argument of apply_chat_template ("chat_template"
         # above all, which would run a client's own Jinja on the server) is the operator's.
-        named = inspect.signature(tokenizer.apply_chat_template).parameters
-        reserved = sorted(k for k in template_kwargs if k in named)
-        if reserved:
-            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+        if template_kwargs:
+            named = inspect.signature(tokenizer.apply_chat_template).parameters
+            reserved = sorted(k for k in template_kwargs if k in named)
+            if reserved:
+                raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
         try:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt,
