@@ -34,8 +34,8 @@ Invariants:
     every reference to its old adapter is released, and the engine holds one for every adapter
     it runs, so a copy is never stale while it is used);
   - positions whose slot has no row this step are computed but discarded (holes); a bucket is
-    compacted when holes exceed a quarter of it (any hole, when k > 1: a hole costs k padded
-    rows), moving tail positions into holes.
+    compacted when holes exceed a quarter of it, or cost more than PAD_ROWS_PER_GROUP padded
+    rows (k each), moving tail positions into holes.
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ class GatherLora:
             used = [short[e[0]].num_rows for e in bucket.entries
                     if e is not None and e[0] in short]
             holes = len(bucket.entries) - len(used)
-            # a hole costs k padded rows: with multi-row positions, leave none
-            if used and holes > (0 if max(used) > 1 else max(2, len(bucket.entries) // 4)):
+            # a hole costs a bucket k padded rows: compact when there are many holes, or when
+            # they would cost more than the padding one multi-row group may add
+            if used and (holes > max(2, len(bucket.entries) // 4)
+                         or holes * max(used) > PAD_ROWS_PER_GROUP):
                 self._compact(bucket, short)
         order = [i for i, g in enumerate(groups) if g.slot not in short]
         order += sorted((i for i, g in enumerate(groups) if g.slot in short),

@@ -234,8 +234,8 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
     buckets: dict[int, list[int]] = {}
     for s in range(1, 12):
         buckets.setdefault(1 << (int(tables.ranks[:, :, s].max()) - 1).bit_length(), []).append(s)
-    same = max(buckets.values(), key=len)[:4]  # four slots that share a bucket
-    assert len(same) == 4
+    same = max(buckets.values(), key=len)[:6]  # six slots that share a bucket
+    assert len(same) == 6
     lora = GatherLora(tables, spec)
     meta = LoraMeta(16, 256, 16, torch.device("cpu"))
 
@@ -248,12 +248,16 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
             lora.apply(x, out, meta, 0, m)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
-    check([1, 1, 1, 1], same)  # decode: all four placed
-    check([12, 11, 12], same[:3])  # prefills of similar length: all stacked, the hole compacted
+    check([1] * 6, same)  # decode: all six placed
+    check([5, 4, 5, 5], same[:4])  # short prefills: stacked, 2 holes (10 padded rows) kept
     assert not meta.sgmv_active
-    assert [(p.num_pos, p.k) for p in meta.plan] == [(3, 12)]
-    check([40, 1, 1, 1], same)  # 117 padded rows for one long group: that one to the kernels
-    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[0]]
+    assert [(p.num_pos, p.k) for p in meta.plan] == [(6, 5)]
+    check([1] * 6, same)
+    check([40, 39, 40, 40], same[:4])  # 2 holes would pad 80 rows: compacted
+    assert not meta.sgmv_active
+    assert [(p.num_pos, p.k) for p in meta.plan] == [(4, 40)]
+    check([70, 1, 1, 1], same[2:6])  # 207 padded rows for one long group: that one to kernels
+    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[2]]
     assert [p.k for p in meta.plan] == [1]
 
 
