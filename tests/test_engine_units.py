@@ -195,15 +195,17 @@ def test_gather_lora_recopies_a_slot_when_its_adapter_changes() -> None:
 
 def test_gather_lora_stays_right_as_batches_change() -> None:
     """Adapters join and leave over many steps (positions reused, buckets compacted, slots
-    handed to new adapters): every step still equals the kernel reference."""
+    handed to new adapters, groups of 1 to 80 rows stacked or sent to the kernels): every step
+    still equals the kernel reference."""
     gen = torch.Generator().manual_seed(11)
     rng = random.Random(11)
     spec = BaseSpec(num_layers=1, shapes={m: (16, 12) for m in MODULES})
     slots = 12
     tables = _random_tables(spec, slots, 16, gen)
     lora = GatherLora(tables, spec)
-    meta = LoraMeta(16, 64, 16, torch.device("cpu"))
+    meta = LoraMeta(16, 1024, 16, torch.device("cpu"))
     version = dict.fromkeys(range(slots), 0)
+    stacked_long = kernels_long = 0  # steps with a group of > 4 rows on each path
     for _ in range(40):
         if rng.random() < 0.3:  # the registry puts another adapter into some slot
             s = rng.randrange(slots)
@@ -214,14 +216,17 @@ def test_gather_lora_stays_right_as_batches_change() -> None:
                 off = int(tables.a_offsets[0, m, s])
                 tables.pool[off: off + r * (in_f + out_f)].normal_(generator=gen)
         chosen = rng.sample(range(-1, slots), rng.randint(1, 8))
-        lengths = [rng.choice([1, 1, 2, 3, 7]) for _ in chosen]
+        lengths = [rng.choice([1, 1, 2, 3, 7, 12, 30, 80]) for _ in chosen]
         _prepare(lora, meta, lengths, chosen, version)
+        stacked_long += any(p.k > 4 for p in meta.plan)
+        kernels_long += meta.sgmv_active
         x = torch.randn(sum(lengths), 16, generator=gen)
         for m in range(len(MODULES)):
             out = torch.zeros(sum(lengths), 12)
             lora.apply(x, out, meta, 0, m)
             torch.testing.assert_close(out, _reference(x, torch.zeros_like(out), tables, meta,
                                                        0, m), atol=1e-5, rtol=1e-5)
+    assert stacked_long and kernels_long  # both paths were taken by long groups
 
 
 def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernels() -> None:
