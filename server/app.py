@@ -382,6 +382,9 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
 
     def check_length(prompt_len: int, requested: int | None, param: str) -> int:
         limit = engine.model.max_model_len
+        if limit is None:  # check_serving let the request in as the model finished loading
+            raise APIError(503, "The model is still loading.", code="not_ready",
+                           retry_after=5.0)
         if prompt_len == 0:
             raise bad_request("The prompt is empty.", "prompt")
         if prompt_len >= limit:

@@ -90,7 +90,7 @@ class ModelInfo:
     """The served base model."""
 
     name: str
-    max_model_len: int  # prompt + output tokens of one sequence
+    max_model_len: int | None  # prompt + output tokens of one sequence; None while loading
     created: int
     vocab_size: int | None = None  # None: unknown (token-id prompts are checked by the engine)
 

@@ -95,8 +95,8 @@ class LocalEngineClient:
     @property
     def model(self) -> ModelInfo:
         if self._engine is None:
-            return ModelInfo(name=self._name, max_model_len=self.config.max_model_len or 0,
-                             created=self._created)
+            # Unknown until the model is read: the config caps it, the model may lower it.
+            return ModelInfo(name=self._name, max_model_len=None, created=self._created)
         return ModelInfo(name=self._name, max_model_len=int(self._engine.max_seq_len),
                          created=self._created, vocab_size=int(self._engine.vocab))
 

@@ -40,7 +40,9 @@ class FakeEngine:
 
     @property
     def model(self) -> ModelInfo:
-        return ModelInfo(name=self.name, max_model_len=self.max_len, created=0)
+        # like LocalEngineClient: the length is unknown until the model has loaded
+        return ModelInfo(name=self.name, max_model_len=self.max_len if self.ready else None,
+                         created=0)
 
     @property
     def adapter_root(self) -> Path | None:

@@ -254,8 +254,13 @@ def test_not_ready_is_503_with_retry_after() -> None:
         response = client.post("/v1/completions", headers=auth("acme"),
                                json={"model": "base", "prompt": "hi"})
         assert_error(response, 503)
+        # the context length is not known yet: null, not a 0 that a client could cache
+        cards = client.get("/v1/models", headers=auth("acme")).json()["data"]
+        assert cards and all(card["max_model_len"] is None for card in cards)
         engine.ready = True
         assert client.get("/ready").status_code == 200
+        cards = client.get("/v1/models", headers=auth("acme")).json()["data"]
+        assert all(card["max_model_len"] == engine.max_len for card in cards)
 
 
 def test_request_id_is_returned_and_logged_without_the_prompt(

@@ -363,3 +363,14 @@ def test_out_of_range_sampling_values_are_400_naming_the_field() -> None:
     body = CompletionRequest.model_construct(model="m", prompt="x", temperature=3.0)
     with pytest.raises(ValueError, match="temperature"):
         body.sampling_params(4, None, None)
+
+
+def test_local_engine_reports_no_context_length_before_the_model_loads(tmp_path: Path) -> None:
+    """/v1/models answers while the model loads; its max_model_len must then be unknown (None),
+    not 0 and not the --max-model-len cap, which the model itself may lower."""
+    from loramux.engine import EngineConfig
+    from loramux.server.local_engine import LocalEngineClient
+
+    client = LocalEngineClient(EngineConfig(model=str(tmp_path / "model"), max_model_len=512))
+    info = client.model
+    assert info.name == "model" and info.max_model_len is None
