@@ -425,12 +425,14 @@ def read_adapter(
     root: Path | None = None,
     dtype: torch.dtype | None = None,
     expected_digest: str | None = None,
+    expected_config_digest: str | None = None,
 ) -> PeftAdapter:
     """Read and validate the PEFT adapter in directory `path` for `base`.
 
     With `root`, the directory and both files must resolve inside it. `dtype` is the serving
-    dtype (values that overflow it are refused). `expected_digest` makes a re-read from disk
-    fail if the weights changed since the adapter was accepted.
+    dtype (values that overflow it are refused). `expected_digest` and `expected_config_digest`
+    make a re-read from disk fail if the weights or the config (which holds the scaling) changed
+    since the adapter was accepted: a version's numbers never change under its name.
     Raises AdapterRefused; has no side effects.
     """
     directory = confine(path, root) if root is not None else _resolve(path)
@@ -457,6 +459,10 @@ def read_adapter(
             raise AdapterRefused(Rule.FILES, f"{file} is not a regular file")
 
     config_raw = _read_limited(config_path, MAX_CONFIG_BYTES, CONFIG_FILE)
+    config_digest = hashlib.sha256(config_raw).hexdigest()
+    if expected_config_digest is not None and config_digest != expected_config_digest:
+        raise AdapterRefused(Rule.DIGEST, f"{config_path} has sha256 {config_digest}, "
+                             f"expected {expected_config_digest}")
     config = _check_config(config_raw)
     data = _read_limited(weights_path, limits.max_adapter_bytes, weights_name)
     digest = hashlib.sha256(data).hexdigest()
@@ -499,7 +505,7 @@ def read_adapter(
         path=directory,
         weights_file=weights_path,
         digest=digest,
-        config_digest=hashlib.sha256(config_raw).hexdigest(),
+        config_digest=config_digest,
         file_bytes=weights_path.stat().st_size,
         config=config,
         modules=tuple(modules),

@@ -561,10 +561,10 @@ class AdapterRegistry:
                  result.ranks, result.size_bytes)
         return result
 
-    def _read_and_pack(self, path: Path, root: Path | None,
-                       digest: str | None = None) -> tuple[PeftAdapter, HostAdapter]:
+    def _read_and_pack(self, path: Path, root: Path | None, digest: str | None = None,
+                       config_digest: str | None = None) -> tuple[PeftAdapter, HostAdapter]:
         adapter = read_adapter(path, self.base, self.limits, root=root, dtype=self.dtype,
-                               expected_digest=digest)
+                               expected_digest=digest, expected_config_digest=config_digest)
         return adapter, pack(adapter, self.base, self.dtype, pin=self._pin_host)
 
     def _register(self, name: str, adapter: PeftAdapter, host: HostAdapter, root: Path | None,
@@ -812,7 +812,8 @@ class AdapterRegistry:
             error: AdapterError | None = None
             try:
                 _, host = _in_own_thread(
-                    lambda: self._read_and_pack(job.result.path, job.root, job.ref.digest))
+                    lambda: self._read_and_pack(job.result.path, job.root, job.ref.digest,
+                                                job.config_digest))
             except AdapterError as exc:
                 error = exc
             except OSError as exc:

@@ -334,8 +334,9 @@ def test_prefetch_and_acquire_do_not_wait_for_the_copy(many: list[Path],
         reg.release(ref)
 
 
-def test_host_tier_rereads_from_disk_and_checks_the_digest(many: list[Path],
-                                                           tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["weights", "config"])
+def test_host_tier_rereads_from_disk_and_checks_the_digest(many: list[Path], tmp_path: Path,
+                                                           change: str) -> None:
     paths = [copy_adapter(p, tmp_path / p.name) for p in many[:5]]
     with registry(2, host=2) as reg:
         refs = [reg.load(f"h{i}", p, trusted=True).ref for i, p in enumerate(paths)]
@@ -347,9 +348,13 @@ def test_host_tier_rereads_from_disk_and_checks_the_digest(many: list[Path],
                 check_slot(reg, slot, path)
                 reg.release(ref)
         assert reg.stats.disk_reads >= 3 and reg.stats.host_evictions > 0
-        # h0 is now on disk only; its weights change under it: it must not serve them.
+        # h0 is now on disk only; its weights, or its config (the scaling lives there), change
+        # under it: version 1 must not serve them.
         assert reg.get("h0").tier == "disk"
-        make_adapter(paths[0], CFG, rank=2, target_modules=("q_proj",), seed=999)
+        if change == "weights":
+            make_adapter(paths[0], CFG, rank=2, target_modules=("q_proj",), seed=999)
+        else:
+            edit_config(paths[0], lora_alpha=64)
         deadline = time.monotonic() + 10
         with pytest.raises(AdapterRefused) as info:
             while time.monotonic() < deadline:
