@@ -4,7 +4,8 @@ Why a CPU-specific path: a decode step with many adapters is bound by reading th
 (32 adapters of rank 8-16 on every projection of a 135M model weigh ~87% of the base). A loop
 over slots costs two tiny matmuls per adapter per projection, and gathering each row's weights
 into a batch writes them all again every step. Instead the engine keeps copies of the adapters
-in use in stacks, one per rank bucket R (a power of two >= the adapter's largest rank):
+in use in stacks, one per rank bucket R (a power of two >= the adapter's largest rank), in
+float32 whatever the serving dtype (the product is added to the output with one rounding):
 
     a[l][m]  [cap, R, in]     A_k: rows 0..r-1 at position p, zero rows r..R-1
     bt[l][m] [cap, R, out]    (scale_k * B_k)^T the same way (A is read through a transposed
@@ -171,14 +172,19 @@ class GatherLora:
             if not plan.active[layer][module]:
                 continue
             n, k, r0, r1 = plan.num_pos, plan.k, plan.r0, plan.r1
-            a_t, bt = plan.views[layer][module]  # [P, in, R], [P, R, out]
-            if plan.x_index is None:  # dense: row r0 + p * k + j is (position p, row j)
-                v = torch.bmm(x[r0:r1].view(n, k, -1), a_t)  # [P, k, R]
-                out[r0:r1].view(n, k, -1).baddbmm_(v, bt)
+            a_t, bt = plan.views[layer][module]  # float32 [P, in, R], [P, R, out]
+            xs = x[r0:r1] if plan.x_index is None else x.index_select(0, plan.x_index)
+            v = torch.bmm(xs.view(n, k, -1).float(), a_t)  # float32 [P, k, R]
+            if plan.x_index is None and out.dtype == torch.float32:
+                out[r0:r1].view(n, k, -1).baddbmm_(v, bt)  # dense: row r0 + p*k + j is (p, j)
                 continue
-            v = torch.bmm(x.index_select(0, plan.x_index).view(n, k, -1), a_t)
-            delta = torch.bmm(v, bt).view(n * k, -1)  # [P * k, out]
-            out[r0:r1] += delta.index_select(0, plan.take)  # [r1 - r0, out]
+            delta = torch.bmm(v, bt).view(n * k, -1)  # float32 [P * k, out]
+            if plan.take is not None:
+                delta = delta.index_select(0, plan.take)  # [r1 - r0, out]
+            if out.dtype == torch.float32:
+                out[r0:r1] += delta
+            else:  # one rounding, into out's dtype
+                out[r0:r1] = (out[r0:r1].float() + delta).to(out.dtype)
         if meta.sgmv_active:
             lora_apply(x, out, meta, self.tables, layer, module, meta.sgmv_slots)
 
@@ -207,10 +213,12 @@ class GatherLora:
         self.where[slot] = (rank, pos)
 
     def _new_bucket(self, rank: int, capacity: int) -> _Bucket:
+        # float32 whatever the pool's dtype: nothing is rounded between shrink and expand, and
+        # (scale * B) is not rounded to 16 bits (the kernels' contract)
         pool = self.tables.pool
-        a = [[pool.new_zeros(capacity, rank, i) for i, _ in self.dims]
+        a = [[pool.new_zeros(capacity, rank, i, dtype=torch.float32) for i, _ in self.dims]
              for _ in range(self.num_layers)]
-        bt = [[pool.new_zeros(capacity, rank, o) for _, o in self.dims]
+        bt = [[pool.new_zeros(capacity, rank, o, dtype=torch.float32) for _, o in self.dims]
               for _ in range(self.num_layers)]
         return _Bucket(rank=rank, a=a, bt=bt)
 

@@ -266,6 +266,50 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
     assert [p.k for p in meta.plan] == [1]
 
 
+def _uniform_tables(spec: BaseSpec, slots: int, rank: int, dtype: torch.dtype,
+                    gen: torch.Generator) -> LoraTables:
+    """Every slot rank `rank` on every projection, weights ~ N(0, 1/in), in `dtype`."""
+    shape = (spec.num_layers, len(MODULES), slots)
+    a_off = torch.zeros(shape, dtype=torch.int64)
+    b_off = torch.zeros(shape, dtype=torch.int64)
+    cursor = 0
+    for layer in range(spec.num_layers):
+        for m, name in enumerate(MODULES):
+            in_f, out_f = spec.shapes[name]
+            for s in range(slots):
+                a_off[layer, m, s], b_off[layer, m, s] = cursor, cursor + rank * in_f
+                cursor += rank * (in_f + out_f)
+    pool = (torch.randn(cursor, generator=gen) / spec.shapes["q_proj"][0] ** 0.5).to(dtype)
+    return LoraTables(pool=pool, a_offsets=a_off, b_offsets=b_off,
+                      ranks=torch.full(shape, rank, dtype=torch.int32),
+                      scales=torch.rand(shape, generator=gen) + 0.5, max_rank=rank)
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1, 1], [3, 2, 3, 1], [9, 8, 9, 9]])
+def test_gather_lora_keeps_float32_between_shrink_and_expand_in_bf16(lengths: list[int]) -> None:
+    """A bf16 model: shrink, scale and expand in float32, one rounding into the output, as the
+    kernels do. Rounding the rank-r intermediate or scale*B to bf16 would double the error."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, rank = 256, 64
+    spec = BaseSpec(num_layers=1, shapes={m: (hidden, hidden) for m in MODULES})
+    tables = _uniform_tables(spec, 4, rank, torch.bfloat16, gen)
+    lora = GatherLora(tables, spec)
+    meta = LoraMeta(8, 64, rank, torch.device("cpu"))
+    _prepare(lora, meta, lengths, [0, 1, 2, 3])
+    x = torch.randn(sum(lengths), hidden, generator=gen).bfloat16()
+    truth = torch.zeros(sum(lengths), hidden, dtype=torch.float64)
+    for start, end, slot in meta.segments:
+        a = tables.pool[int(tables.a_offsets[0, 0, slot]):][:rank * hidden].view(rank, hidden)
+        b = tables.pool[int(tables.b_offsets[0, 0, slot]):][:hidden * rank].view(hidden, rank)
+        truth[start:end] = float(tables.scales[0, 0, slot]) * (
+            x[start:end].double() @ a.double().T @ b.double().T)
+    out = torch.zeros(sum(lengths), hidden, dtype=torch.bfloat16)
+    lora.apply(x, out, meta, 0, 0)
+    error = (out.double() - truth).abs().mean()
+    rounding = (truth.bfloat16().double() - truth).abs().mean()  # the least any bf16 output has
+    assert error <= 1.25 * rounding
+
+
 # ---------------------------------------------------------------------- scheduler
 
 
