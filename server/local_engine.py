@@ -242,6 +242,7 @@ class LocalEngineClient:
         engine_stats = self._engine.stats()
         registry = self.registry
         tiers: dict[str, int] = {}
+        residency: dict[tuple[str, str], int] = {}
         running: list[str] = []
         waiting: list[str] = []
         loads = page_ins = 0
@@ -253,6 +254,9 @@ class LocalEngineClient:
             for row in registry.list():
                 tiers[row.tier] = tiers.get(row.tier, 0) + 1
                 references += row.refcount
+                if row.tier != "disk":  # bounded by the host and accelerator capacities
+                    key = (row.name, row.tier)
+                    residency[key] = residency.get(key, 0) + 1
             running = _unique(ref.name for ref in registry.resident())
             resident = set(running)
             waiting = [n for n in _unique(ref.name for ref in registry.waiting())
@@ -269,7 +273,7 @@ class LocalEngineClient:
             batch_size=engine_stats.num_running,
             batch_tokens=int(getattr(self._engine, "last_step_tokens", 0)),
             max_lora=max_lora, running_adapters=running, waiting_adapters=waiting,
-            adapters_per_tier=tiers, adapter_loads=loads, adapter_page_ins=page_ins,
+            adapters_per_tier=tiers, adapter_residency=residency, adapter_loads=loads, adapter_page_ins=page_ins,
             adapter_evictions=evictions, adapter_load_seconds=load_latency,
             adapter_page_in_seconds=page_in_latency, adapter_references=references,
             preemptions=int(engine_stats.num_preemptions), timestamp=now,

@@ -15,8 +15,14 @@ Two kinds of series:
 adapter names; a custom collector builds the family afresh on every scrape, so only the
 current label set exists and routers never see a stale one.
 
-Adapter names appear only in `vllm:lora_requests_info` (whose labels routers need); request
-series carry no per-adapter label, so cardinality stays bounded however many adapters come.
+Where each adapter lives is one series per adapter and tier, not a comma-joined label:
+
+    loramux_adapter_resident{adapter, tier}   versions of `adapter` in `tier` (host, paging,
+                                              device); adapters only on disk are not listed
+
+Adapter names appear only there and in `vllm:lora_requests_info` (whose labels routers need),
+both bounded by the host and accelerator capacities; request series carry no per-adapter
+label, so cardinality stays bounded however many adapters come.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class RuntimeStats:
     running_adapters: Sequence[str] = ()  # resident on the accelerator
     waiting_adapters: Sequence[str] = ()  # wanted by waiting requests, not resident
     adapters_per_tier: dict[str, int] = field(default_factory=dict)
+    # (adapter, tier) -> versions there, for the tiers in memory (host, paging, device)
+    adapter_residency: dict[tuple[str, str], int] = field(default_factory=dict)
     adapter_loads: int = 0  # adapters accepted (disk -> registry)
     adapter_page_ins: int = 0  # host -> device copies
     adapter_evictions: dict[str, int] = field(default_factory=dict)  # tier -> count
@@ -130,6 +138,13 @@ class _RuntimeCollector(Collector):
         for tier in TIERS:
             tiers.add_metric([tier], s.adapters_per_tier.get(tier, 0))
         yield tiers
+        resident = GaugeMetricFamily(
+            "loramux_adapter_resident",
+            "Versions of an adapter held in a memory tier (host, paging, device).",
+            labels=["adapter", "tier"])
+        for (name, tier), versions in sorted(s.adapter_residency.items()):
+            resident.add_metric([name, tier], versions)
+        yield resident
 
         loads = CounterMetricFamily("loramux_adapter_loads", "Adapters loaded and validated.")
         loads.add_metric([], s.adapter_loads)

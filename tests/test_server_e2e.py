@@ -452,6 +452,11 @@ def test_metrics_hold_the_router_series_during_a_run(world: World) -> None:
                 assert before - 5 < info[2] <= time.time() + 1  # value: time of the update
                 tiers = {s[1]["tier"]: s[2] for s in fams["loramux_adapters"]}
                 assert tiers["device"] == 2 and sum(tiers.values()) == 3
+                # where each adapter lives, one series each (metrics-b waits in host memory)
+                resident = {(s[1]["adapter"], s[1]["tier"]): s[2]
+                            for s in fams["loramux_adapter_resident"]}
+                assert resident == {("metrics-p", "device"): 1, ("metrics-a", "device"): 1,
+                                    ("metrics-b", "host"): 1}
                 assert value(fams, "loramux_http_requests_in_flight") == 2
                 # Closing the first stream aborts it: its slot goes to the waiting request.
                 first.close()

@@ -249,6 +249,7 @@ def test_metrics_expose_vllm_router_series_with_only_the_current_label_set() -> 
         running_adapters=("a", "b"), waiting_adapters=("c",), timestamp=1700000000.5,
         adapters_per_tier={"device": 2, "host": 3, "disk": 1}, adapter_loads=7,
         adapter_evictions={"device": 2}, adapter_load_seconds=(7, 1.4),
+        adapter_residency={("a", "device"): 1, ("b", "device"): 1, ("c", "host"): 2},
     )}
     metrics = ServerMetrics(lambda: current["stats"], "base-model")
     fams = families(metrics.exposition().decode())
@@ -262,6 +263,9 @@ def test_metrics_expose_vllm_router_series_with_only_the_current_label_set() -> 
     assert info[2] == 1700000000.5
     tiers = {labels["tier"]: value for _, labels, value in fams["loramux_adapters"]}
     assert tiers == {"device": 2.0, "host": 3.0, "disk": 1.0, "paging": 0.0}
+    resident = {(labels["adapter"], labels["tier"]): value
+                for _, labels, value in fams["loramux_adapter_resident"]}
+    assert resident == {("a", "device"): 1.0, ("b", "device"): 1.0, ("c", "host"): 2.0}
     assert ("loramux_adapter_loads_total", {}, 7.0) in fams["loramux_adapter_loads"]
     evictions = {s[1]["tier"]: s[2] for s in fams["loramux_adapter_evictions"]
                  if s[0].endswith("_total")}
@@ -277,6 +281,8 @@ def test_metrics_expose_vllm_router_series_with_only_the_current_label_set() -> 
     assert info[1] == {"max_lora": "4", "running_lora_adapters": "c",
                        "waiting_lora_adapters": ""}
     assert info[2] == 1700000001.0
+    # adapters that left memory leave no stale series behind
+    assert families(metrics.exposition().decode()).get("loramux_adapter_resident", []) == []
 
 
 def test_request_latency_metrics() -> None:
