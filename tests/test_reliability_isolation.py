@@ -188,14 +188,16 @@ def test_metrics_are_for_operators_not_tenants(live: LiveServer) -> None:
         assert err["code"] == "invalid_metrics_token"
         assert not [name for name in ADAPTERS if name in response.text]
     # The operator's token (or the admin token) reads them; they do name the adapters (this
-    # is what the gate is for), and only in the router's info gauge.
+    # is what the gate is for), and only in the router's info gauge and the residency series.
     for headers in ({"Authorization": f"Bearer {METRICS_TOKEN}"}, ADMIN_HEADERS):
         assert httpx.get(live.url + "/metrics", headers=headers).status_code == 200
     fams = scrape(live.url, {"Authorization": f"Bearer {METRICS_TOKEN}"})
     (info,) = fams["vllm:lora_requests_info"]
     assert set(info[1]["running_lora_adapters"].split(",")) & set(ALL_ADAPTERS)
+    assert {labels["adapter"] for _, labels, _ in fams["loramux_adapter_resident"]} \
+        <= set(ALL_ADAPTERS)
     for family, samples in fams.items():
-        if family == "vllm:lora_requests_info":
+        if family in ("vllm:lora_requests_info", "loramux_adapter_resident"):
             continue
         for _, labels, _ in samples:
             assert not set(labels.values()) & set(ADAPTERS), (family, labels)
