@@ -61,6 +61,7 @@ class Case:
     dist: str
     shared_pool: bool  # A and B blocks in one pool, or in two
     uncovered: bool = False  # leave rows before the first / after the last segment
+    ranks: tuple[int, ...] = tuple(RANKS)  # ranks of the slots, assigned in random order
 
 
 CASES = [
@@ -149,8 +150,8 @@ def make_problem(case: Case, dtype: torch.dtype, seed: int) -> Problem:
     torch.manual_seed(seed)
     hidden, out_features = case.hidden, case.out_features
     lead, lengths = _segment_lengths(case, g)
-    num_slots = max(len(RANKS), case.segments)
-    ranks = [RANKS[i % len(RANKS)] for i in g.sample(range(num_slots), num_slots)]
+    num_slots = max(len(case.ranks), case.segments)
+    ranks = [case.ranks[i % len(case.ranks)] for i in g.sample(range(num_slots), num_slots)]
     live = [k for k, r in enumerate(ranks) if r > 0]
     seg_slots = _choose_slots(case.dist, len(lengths), num_slots, live, g)
     if len(lengths) >= 5:  # some segment without an adapter
@@ -307,6 +308,25 @@ def test_shrink_matches_float64(impl: str, dtype: torch.dtype, case: Case) -> No
 def test_expand_matches_float64(impl: str, dtype: torch.dtype, case: Case) -> None:
     p = make_problem(case, dtype, _seed())
     run_expand(p, EXPAND_IMPLS[impl], dtype, dtype)
+
+
+# Every rank up to 64, then ranks around and past the block sizes, up to the largest allowed
+# (adapters have been silently corrupted at some ranks only: vLLM #5036, LoRAX #301).
+EVERY_RANK = (*range(1, 65), 65, 96, 127, 128, 129, 200, 255, 256, 512, 1024)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_rank(impl: str) -> None:
+    """A slot per rank in EVERY_RANK, two one-row segments per slot, in one call (shrink and
+    expand)."""
+    n = len(EVERY_RANK)
+    case = Case("every-rank", 2 * n + 3, 24, 20, 2 * n, "distinct", shared_pool=False,
+                uncovered=True, ranks=EVERY_RANK)
+    p = make_problem(case, torch.float32, _seed())
+    used = {int(p.ranks[slot]) for slot in p.seg_slots.tolist() if slot >= 0}
+    assert used == set(EVERY_RANK)  # make_problem sets one segment's slot to -1: still all
+    run_shrink(p, SHRINK_IMPLS[impl], p.max_rank + 1, torch.float32)
+    run_expand(p, EXPAND_IMPLS[impl], torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
