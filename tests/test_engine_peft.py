@@ -395,3 +395,37 @@ def test_nf4_is_really_quantized(nf4: dict[str, Any]) -> None:
     with nf4["pm"].disable_adapter():
         quantized = [greedy(nf4["pm"], p) for p, _ in cases]
     assert any(q != nf4["fp32"](p, None) for q, (p, _) in zip(quantized, cases))
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantization_flag_quantizes_as_the_equivalence_tests_do(
+        quantization: str, tmp_path: Path) -> None:
+    """`--quantization` (EngineConfig.quantization -> load_hf_model) gives the same bitsandbytes
+    model as loading it with BitsAndBytesConfig by hand, the way the PEFT tests above do: the
+    same layers quantized, the same quantized weights, the same greedy tokens."""
+    import bitsandbytes as bnb
+    from loramux.engine.model import load_hf_model
+    from server_model import make_model_dir
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder, _, _ = make_model_dir(tmp_path / "base")
+    config = EngineConfig(model=str(folder), device="cpu", dtype="float32",
+                          quantization=quantization, kv_cache_tokens=512)
+    model, _ = load_hf_model(config)
+    by_hand = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32)
+        if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True)).eval()
+    kind = bnb.nn.Linear4bit if quantization == "nf4" else bnb.nn.Linear8bitLt
+    names = {n for n, m in model.named_modules() if isinstance(m, kind)}
+    assert names == {n for n, m in by_hand.named_modules() if isinstance(m, kind)}
+    assert len(names) == 7 * model.config.num_hidden_layers  # every projection, not lm_head
+    for name in names:
+        mine, theirs = model.get_submodule(name).weight, by_hand.get_submodule(name).weight
+        assert mine.dtype == theirs.dtype != torch.float32 and torch.equal(mine, theirs), name
+    prompt = [5, 9, 13, 2, 7]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    (ours,) = LLMEngine.from_config(config).generate([prompt], params)
+    (ref,) = LLMEngine(by_hand, config).generate([prompt], params)
+    assert ours.token_ids == ref.token_ids
