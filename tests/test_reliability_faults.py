@@ -7,6 +7,8 @@ leak checked through /metrics:
   requests already running on it;
 - cycles of reload and unload while streams run: each stream ends on the version it started
   with, new requests get the new version or a 404, drained versions are freed;
+- a slow adapter load or lazy resolution (validation held by a gate) stalls neither running
+  streams, nor new requests, nor /health, and succeeds once released;
 - KV cache exhaustion preempts (and recomputes) sequences instead of failing them;
 - draining (what SIGTERM turns on) refuses new requests with 503 and lets running ones finish.
   The signal itself, through `loramux serve`, is in tests/test_server_e2e.py.
@@ -14,9 +16,11 @@ leak checked through /metrics:
 
 from __future__ import annotations
 
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,6 +42,8 @@ from reliability_world import (
     wait_for,
 )
 from server_harness import LiveServer
+
+import loramux.adapters.registry as registry_module
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +255,61 @@ def test_queued_request_for_an_adapter_unloaded_before_it_runs_is_404(world: Wor
         assert streamed.status == 200 and streamed.text == ""
         assert streamed.failure["error"]["code"] == "model_not_found", streamed.failure
         wait_idle(live)
+
+
+# ============================================================================ slow validation
+
+
+def _load_var_a(live: LiveServer, world: World) -> httpx.Response:
+    return admin_post(live, "/v1/load_lora_adapter",
+                      {"lora_name": "acme-slow", "lora_path": str(world.root / "var-a")})
+
+
+def _lazy_var_a(live: LiveServer, world: World) -> httpx.Response:
+    copy_adapter(world.root / "var-a", world.root / "acme-slow")
+    return completion(live.url, "acme", "acme-slow", "Short check", 10)
+
+
+@pytest.mark.parametrize("slow", [_load_var_a, _lazy_var_a], ids=["admin-load", "lazy-load"])
+def test_slow_adapter_validation_does_not_stall_serving(
+        live: LiveServer, world: World, monkeypatch: pytest.MonkeyPatch,
+        slow: Callable[[LiveServer, World], httpx.Response]) -> None:
+    """Validation runs off the step loop and the event loop (vLLM #13698, SGLang #8162): while
+    the reading of one adapter is held, a running stream keeps receiving tokens, a new request
+    is served and /health answers; once released, the load succeeds and serves var-a."""
+    gate, entered = threading.Event(), threading.Event()
+    real_read = registry_module.read_adapter
+
+    def held_read(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name in ("var-a", "acme-slow"):
+            entered.set()
+            gate.wait(60)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "read_adapter", held_read)
+    stream = Stream(live.url, "acme", "acme-one", "Stream on", 480).wait_started()
+    answers: list[httpx.Response] = []
+    loader = threading.Thread(target=lambda: answers.append(slow(live, world)))
+    loader.start()
+    try:
+        assert entered.wait(30), "the adapter's validation did not start"
+        seen = len(stream.text)
+        wait_for(lambda: len(stream.text) > seen + 5,
+                 what="stream tokens while the validation is held")
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 200
+        check_short(live, world, "acme-two", "acme-two")
+        assert loader.is_alive() and not answers  # still held: nothing waited for it
+        gate.set()
+        loader.join(60)
+        assert answers and answers[0].status_code == 200, answers
+        check_short(live, world, "acme-slow", "var-a")
+        assert stream.result() == stream.expected_from(world, "acme-one")
+    finally:
+        gate.set()
+        loader.join(60)
+        admin_post(live, "/v1/unload_lora_adapter", {"lora_name": "acme-slow"})
+        shutil.rmtree(world.root / "acme-slow", ignore_errors=True)
+    wait_idle(live)
 
 
 # ============================================================================ KV exhaustion
