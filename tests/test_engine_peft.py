@@ -426,6 +426,10 @@ def test_quantization_flag_quantizes_as_the_equivalence_tests_do(
         assert mine.dtype == theirs.dtype != torch.float32 and torch.equal(mine, theirs), name
     prompt = [5, 9, 13, 2, 7]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    (ours,) = LLMEngine.from_config(config).generate([prompt], params)
+    engine = LLMEngine.from_config(config)  # also starts an adapter registry: close it
+    try:
+        (ours,) = engine.generate([prompt], params)
+    finally:
+        engine.adapters.close()
     (ref,) = LLMEngine(by_hand, config).generate([prompt], params)
     assert ours.token_ids == ref.token_ids
