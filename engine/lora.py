@@ -17,8 +17,9 @@ Segment metadata, worked example. Four sequences in batch order, grouped by slot
 Backends, chosen once at load time:
   - `KernelLora` calls sgmv_shrink / sgmv_expand on the registry's pool for every segment
     (Triton on CUDA). It is the contract.
-  - `GatherLora` (CPU, lora_cpu.py) is a BGMV form for short segments (decode) over stacked
-    copies of the adapters, and these kernels for long segments (prefill).
+  - `GatherLora` (CPU, lora_cpu.py) is a BGMV form over stacked copies of the adapters for
+    short segments (decode) and longer ones cheap to pad (similar-length prefills), and these
+    kernels for the rest.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class LoraMeta:
         self.num_segments = 0
         self.num_tokens = 0
         self.active = False  # some row has an adapter
-        self.sgmv_active = False  # some segment goes to the kernels (GatherLora: long ones)
+        self.sgmv_active = False  # some segment goes to the kernels (GatherLora: not stacked)
         self.segments: list[tuple[int, int, int]] = []  # (start, end, slot), host copy
         self.plan: Any = None  # a backend's own per-step plan (GatherLora: its BGMV indices)
 
@@ -126,7 +127,7 @@ def lora_apply(x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, tables: LoraT
     """out[t] += scales[k] * (x[t] @ A_k^T) @ B_k^T through the kernels, k = slot of t's segment.
 
     x [T, in]; out [T, out]; the [layer, module] slices of `tables` are [S] vectors.
-    seg_slots overrides meta.seg_slots (GatherLora passes only its long segments).
+    seg_slots overrides meta.seg_slots (GatherLora passes only the segments it does not stack).
     """
     slots = meta.seg_slots if seg_slots is None else seg_slots
     ranks = tables.ranks[layer, module]  # int32 [S]

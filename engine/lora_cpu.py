@@ -20,13 +20,14 @@ order, rows 10 (slot 5), 11 and 12 (slot 7), so the bucket covers rows r0=10 .. 
     take = [0, 4, 5] (the real (position, row) entries, already in row order)
     v = x[x_index].view(3, 2, in) @ a^T -> [3, 2, R];  delta = v @ bt -> [3, 2, out]
     out[10:13] += delta.view(6, out)[take]
-In the common decode step (one row per adapter, no holes) x_index and take are not needed:
-one bmm and one in-place baddbmm (the add fused into the second matmul) per projection and
-bucket, on views of the stacks made once per bucket and count of positions.
+In the common decode step (one row per adapter, no holes) x_index and take are not needed,
+and a float32 model takes one bmm and one in-place baddbmm (the add fused into the second
+matmul) per projection and bucket, on views of the stacks made once per bucket and count of
+positions; otherwise the second bmm's float32 product is added with one rounding.
 Numerically this is the kernels' contract: padding rows are zero, the scale is folded into B.
 Which groups take this path (`_stacked`): every group of up to BGMV_MAX_SEGMENT_ROWS rows
 (decode), and longer ones while the bucket's padded rows stay within PAD_ROWS_PER_GROUP per
-multi-row group (prefills of similar length); the rest go to the kernels, one matmul pair each.
+longer group (prefills of similar length); the rest go to the kernels, one matmul pair each.
 
 Invariants:
   - `where[s] = (R, p)` iff position p of bucket R holds a copy of the adapter that was in
@@ -42,17 +43,21 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
 from loramux.engine.lora import LoraMeta, SlotGroup, lora_apply, segments_in_order
 
 BGMV_MAX_SEGMENT_ROWS = 4  # groups this short always go through the stacks
-# Padded rows a bucket may compute per multi-row group it takes from the kernels. Measured on a
-# 2-vCPU Xeon at SmolLM2's q and gate shapes, rank 16: a group costs the kernels ~30 us of calls
-# per projection, a padded row ~0.3 us; 64 stays on the cheap side of that break-even (~90).
-# Rerun: python -m loramux.loadtest.benchmark_stacking
+# Padded rows a bucket may compute per group of more than BGMV_MAX_SEGMENT_ROWS rows it takes from
+# the kernels. Measured on a 2-vCPU Xeon at SmolLM2's q and gate shapes, rank 16: a group costs
+# the kernels ~28-33 us of calls per projection, a padded row ~0.32-0.35 us, a break-even of
+# 84-91 rows in three runs; 64 stays on the cheap side. Rerun: python -m
+# loramux.loadtest.benchmark_stacking
 PAD_ROWS_PER_GROUP = 64
+
+_Views: TypeAlias = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [L][M] per bucket and P
 
 
 @dataclass
@@ -64,14 +69,13 @@ class _Bucket:
     bt: list[list[torch.Tensor]]  # [L][M] -> [cap, R, out]
     entries: list[tuple[int, AdapterRef] | None] = field(default_factory=list)  # [P]
     # P -> [L][M] (a[:P] transposed, bt[:P]): views made once, not per projection per step
-    views: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(
-        default_factory=dict)
+    views: dict[int, _Views] = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
         return self.a[0][0].shape[0]
 
-    def views_of(self, num_pos: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def views_of(self, num_pos: int) -> _Views:
         views = self.views.get(num_pos)
         if views is None:
             views = self.views[num_pos] = [
@@ -86,7 +90,7 @@ class _BucketPlan:
 
     bucket: _Bucket
     num_pos: int  # P: positions multiplied (holes included)
-    views: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [L][M] (a[:P]^T [P, in, R], bt[:P])
+    views: _Views  # [L][M] (a[:P]^T [P, in, R], bt[:P])
     k: int  # rows per position (the longest short segment of the bucket)
     r0: int
     r1: int
@@ -102,8 +106,10 @@ def _bucket_rank(rank: int) -> int:
 class GatherLora:
     """The CPU LoraBackend (see the module docstring)."""
 
-    def __init__(self, tables: LoraTables, base: BaseSpec) -> None:
+    def __init__(self, tables: LoraTables, base: BaseSpec, *,
+                 pad_rows_per_group: int = PAD_ROWS_PER_GROUP) -> None:
         self.tables = tables
+        self.pad_rows_per_group = pad_rows_per_group
         self.num_layers = base.num_layers
         self.dims = [base.shapes[m] for m in MODULES]  # (in, out) per module
         self.buckets: dict[int, _Bucket] = {}
@@ -122,9 +128,9 @@ class GatherLora:
                     if e is not None and e[0] in short]
             holes = len(bucket.entries) - len(used)
             # a hole costs a bucket k padded rows: compact when there are many holes, or when
-            # they would cost more than the padding one multi-row group may add
+            # they would cost more than the padding one longer group may add
             if used and (holes > max(2, len(bucket.entries) // 4)
-                         or holes * max(used) > PAD_ROWS_PER_GROUP):
+                         or holes * max(used) > self.pad_rows_per_group):
                 self._compact(bucket, short)
         order = [i for i, g in enumerate(groups) if g.slot not in short]
         order += sorted((i for i, g in enumerate(groups) if g.slot in short),
@@ -143,8 +149,8 @@ class GatherLora:
         A bucket multiplies k rows per position, k = its longest group, so a group of n rows
         costs k - n padded rows. Groups of up to BGMV_MAX_SEGMENT_ROWS rows always go (decode);
         a bucket also takes longer groups, longest last, while its padded rows stay within
-        PAD_ROWS_PER_GROUP per multi-row group (prefills of similar length, a popular adapter
-        among several).
+        pad_rows_per_group per longer group it takes from the kernels (prefills of similar
+        length, a popular adapter among several).
         """
         by_bucket: dict[int, list[SlotGroup]] = {}
         for g in groups:
@@ -155,13 +161,13 @@ class GatherLora:
         for members in by_bucket.values():
             members.sort(key=lambda g: g.num_rows)
             rows = sum(g.num_rows for g in members)
-            multi = sum(g.num_rows > 1 for g in members)
+            taken = sum(g.num_rows > BGMV_MAX_SEGMENT_ROWS for g in members)  # from the kernels
             while members and members[-1].num_rows > BGMV_MAX_SEGMENT_ROWS:
                 padded = len(members) * members[-1].num_rows - rows
-                if padded <= PAD_ROWS_PER_GROUP * multi:
+                if padded <= self.pad_rows_per_group * taken:
                     break
                 rows -= members.pop().num_rows
-                multi -= 1
+                taken -= 1
             short.update((g.slot, g) for g in members)
         return short
 

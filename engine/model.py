@@ -173,7 +173,7 @@ class ModelRunner:
         """Let the LoRA backend make the step's adapters usable and order the slot groups.
 
         `scheduled` comes grouped by slot (the scheduler sorts it); the backend may reorder
-        whole groups (GatherLora lays decode groups out in the order of its stacks), and
+        whole groups (GatherLora lays stacked groups out in the order of its stacks), and
         `scheduled` is rearranged in place to match, so each slot stays one segment.
         """
         if self.lora is None or self.lora_meta is None:

@@ -47,16 +47,12 @@ def _tables(spec: BaseSpec, slots: int) -> LoraTables:
 def per_projection_us(tables: LoraTables, spec: BaseSpec, lengths: list[int],
                       pad_rows: int, iters: int = 200) -> float:
     """Microseconds per projection (q and gate alternating) for groups of `lengths` rows in
-    slots 0.., with PAD_ROWS_PER_GROUP = pad_rows (-1: every multi-row group to the kernels)."""
-    saved = lora_cpu.PAD_ROWS_PER_GROUP
-    lora_cpu.PAD_ROWS_PER_GROUP = pad_rows
-    try:
-        lora = lora_cpu.GatherLora(tables, spec)
-        meta = LoraMeta(64, 4096, RANK, torch.device("cpu"))
-        lora.prepare([SlotGroup(s, AdapterRef(f"a{s}", 1, "-"), n)
-                      for s, n in enumerate(lengths)], meta)
-    finally:
-        lora_cpu.PAD_ROWS_PER_GROUP = saved
+    slots 0.., with pad_rows_per_group = pad_rows (-1: every group of more than 4 rows to the
+    kernels)."""
+    lora = lora_cpu.GatherLora(tables, spec, pad_rows_per_group=pad_rows)
+    meta = LoraMeta(64, 4096, RANK, torch.device("cpu"))
+    lora.prepare([SlotGroup(s, AdapterRef(f"a{s}", 1, "-"), n)
+                  for s, n in enumerate(lengths)], meta)
     rows = sum(lengths)
     x = torch.randn(rows, 576)
     out = torch.zeros(rows, 1536)

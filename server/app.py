@@ -382,7 +382,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
 
     def check_length(prompt_len: int, requested: int | None, param: str) -> int:
         limit = engine.model.max_model_len
-        if limit is None:  # check_serving let the request in as the model finished loading
+        if limit is None:  # defensive: an EngineClient ready before it knows its length
             raise APIError(503, "The model is still loading.", code="not_ready",
                            retry_after=5.0)
         if prompt_len == 0:

@@ -17,8 +17,9 @@ current label set exists and routers never see a stale one.
 
 Where each adapter lives is one series per adapter and tier, not a comma-joined label:
 
-    loramux_adapter_resident{adapter, tier}   versions of `adapter` in `tier` (host, paging,
-                                              device); adapters only on disk are not listed
+    loramux_adapter_resident{adapter, tier}   versions of `adapter` whose furthest tier is `tier`
+                                              (device, paging, or host only); adapters only on
+                                              disk are not listed
 
 Adapter names appear only there and in `vllm:lora_requests_info` (whose labels routers need),
 both bounded by the host and accelerator capacities; request series carry no per-adapter
@@ -63,7 +64,7 @@ class RuntimeStats:
     running_adapters: Sequence[str] = ()  # resident on the accelerator
     waiting_adapters: Sequence[str] = ()  # wanted by waiting requests, not resident
     adapters_per_tier: dict[str, int] = field(default_factory=dict)
-    # (adapter, tier) -> versions there, for the tiers in memory (host, paging, device)
+    # (adapter, furthest tier) -> versions, for the tiers in memory (host, paging, device)
     adapter_residency: dict[tuple[str, str], int] = field(default_factory=dict)
     adapter_loads: int = 0  # adapters accepted (disk -> registry)
     adapter_page_ins: int = 0  # host -> device copies
@@ -140,7 +141,8 @@ class _RuntimeCollector(Collector):
         yield tiers
         resident = GaugeMetricFamily(
             "loramux_adapter_resident",
-            "Versions of an adapter held in a memory tier (host, paging, device).",
+            "Versions of an adapter by the furthest memory tier they reached (host, paging, "
+            "device).",
             labels=["adapter", "tier"])
         for (name, tier), versions in sorted(s.adapter_residency.items()):
             resident.add_metric([name, tier], versions)

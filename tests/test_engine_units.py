@@ -264,6 +264,10 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
     check([70, 1, 1, 1], same[2:6])  # 207 padded rows for one long group: that one to kernels
     assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[2]]
     assert [p.k for p in meta.plan] == [1]
+    # groups of 2-4 rows always take the stacks and earn the long one no padding budget
+    check([40, 2, 2, 2, 2, 2], same)
+    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[0]]
+    assert [p.k for p in meta.plan] == [2]
 
 
 def _uniform_tables(spec: BaseSpec, slots: int, rank: int, dtype: torch.dtype,
