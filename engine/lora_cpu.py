@@ -52,8 +52,8 @@ from loramux.engine.lora import LoraMeta, SlotGroup, lora_apply, segments_in_ord
 BGMV_MAX_SEGMENT_ROWS = 4  # groups this short always go through the stacks
 # Padded rows a bucket may compute per group of more than BGMV_MAX_SEGMENT_ROWS rows it takes from
 # the kernels. Measured on a 2-vCPU Xeon at SmolLM2's q and gate shapes, rank 16: a group costs
-# the kernels ~28-33 us of calls per projection, a padded row ~0.32-0.35 us, a break-even of
-# 84-91 rows in three runs; 64 stays on the cheap side. Rerun: python -m
+# the kernels ~28-33 us of calls per projection, a padded row ~0.32-0.37 us, a break-even of
+# 79-91 rows in four runs; 64 stays on the cheap side. Rerun: python -m
 # loramux.loadtest.benchmark_stacking
 PAD_ROWS_PER_GROUP = 64
 
@@ -119,10 +119,12 @@ class GatherLora:
         """Place the stacked groups' adapters (`_stacked`) in the stacks and lay the batch out
         as: kernel and base groups first, then stacked groups by (bucket, position), so that
         each bucket's rows are one contiguous range in the order of its positions."""
-        short = self._stacked(groups)
+        bucket_of = {g.slot: _bucket_rank(int(self.tables.ranks[:, :, g.slot].max()))
+                     for g in groups if g.slot >= 0}  # slot -> its bucket's rank R
+        short = self._stacked(groups, bucket_of)
         for slot, group in short.items():
             assert group.ref is not None
-            self._place(slot, group.ref)
+            self._place(slot, group.ref, bucket_of[slot])
         for bucket in self.buckets.values():
             used = [short[e[0]].num_rows for e in bucket.entries
                     if e is not None and e[0] in short]
@@ -143,7 +145,8 @@ class GatherLora:
                      if any(e is not None and e[0] in short for e in b.entries)]
         return order
 
-    def _stacked(self, groups: list[SlotGroup]) -> dict[int, SlotGroup]:
+    def _stacked(self, groups: list[SlotGroup],
+                 bucket_of: dict[int, int]) -> dict[int, SlotGroup]:
         """The adapter groups that go through the stacks this step; the rest go to the kernels.
 
         A bucket multiplies k rows per position, k = its longest group, so a group of n rows
@@ -155,8 +158,7 @@ class GatherLora:
         by_bucket: dict[int, list[SlotGroup]] = {}
         for g in groups:
             if g.slot >= 0:
-                rank = _bucket_rank(int(self.tables.ranks[:, :, g.slot].max()))
-                by_bucket.setdefault(rank, []).append(g)
+                by_bucket.setdefault(bucket_of[g.slot], []).append(g)
         short: dict[int, SlotGroup] = {}
         for members in by_bucket.values():
             members.sort(key=lambda g: g.num_rows)
@@ -196,9 +198,8 @@ class GatherLora:
 
     # ------------------------------------------------------------------ placement
 
-    def _place(self, slot: int, ref: AdapterRef) -> None:
-        """Make sure a position holds the adapter now in `slot`."""
-        rank = _bucket_rank(int(self.tables.ranks[:, :, slot].max()))
+    def _place(self, slot: int, ref: AdapterRef, rank: int) -> None:
+        """Make sure a position of bucket `rank` holds the adapter now in `slot`."""
         loc = self.where.get(slot)
         if loc is not None:
             bucket_rank, pos = loc
