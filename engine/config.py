@@ -15,7 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class EngineConfig:
     """What model to run, where, and how large each step and the KV cache may be."""
 
-    model: str | None = None  # a directory or hub-style name; None: the embedded default model
+    model: str | None = None  # a model directory; None: the embedded default model
     quantization: str = "none"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,6 +277,11 @@ def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = config.model if config.model is not None else str(ensure_default_model())
+    if not Path(path).is_dir():
+        # transformers reads anything else as a hub name; with the hub off (loramux.offline)
+        # that fails with a repo-id or "couldn't connect to huggingface.co" message instead.
+        raise FileNotFoundError(f"no model directory at {path!r}: loramux loads the base "
+                                "model from a local folder only, never from a hub")
     check_supported(AutoConfig.from_pretrained(path))
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
