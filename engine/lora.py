@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from loramux.adapters.types import AdapterRef, LoraTables
-from loramux.kernels import sgmv_expand, sgmv_shrink
+from loramux.kernels.ops import sgmv_expand, sgmv_shrink
 
 
 class LoraMeta:

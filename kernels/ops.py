@@ -1,4 +1,8 @@
-"""SGMV/BGMV LoRA kernels (Triton) and their torch reference."""
+"""The kernels' public entry points: `sgmv_shrink` and `sgmv_expand`, on any device.
+
+Each checks its arguments and dispatches to the Triton kernels (sgmv.py) for CUDA tensors, or
+to plain torch (torch_ops.py) for CPU tensors; reference.py is the specification both match.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,12 @@ from typing import Literal
 
 import torch
 from loramux.kernels.checks import check_expand, check_shrink
-from loramux.kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 from loramux.kernels.torch_ops import sgmv_expand_torch, sgmv_shrink_torch
 
 __all__ = [
     "Backend",
     "sgmv_expand",
-    "sgmv_expand_ref",
     "sgmv_shrink",
-    "sgmv_shrink_ref",
 ]
 
 # "auto": Triton for CUDA tensors, torch for CPU tensors; "triton": force Triton (CPU tensors

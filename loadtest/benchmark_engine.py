@@ -122,8 +122,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from loramux.adapters import AdapterRegistry, BaseSpec, RegistryConfig
-    from loramux.engine import EngineConfig, LLMEngine, SamplingParams
+    from loramux.adapters.config import RegistryConfig
+    from loramux.adapters.registry import AdapterRegistry
+    from loramux.adapters.types import BaseSpec
+    from loramux.engine.config import EngineConfig
+    from loramux.engine.engine import LLMEngine
+    from loramux.engine.sampling_params import SamplingParams
     from loramux.engine.default_model import cache_root, ensure_default_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from loramux.kernels import Backend, sgmv_expand, sgmv_shrink
+from loramux.kernels.ops import Backend, sgmv_expand, sgmv_shrink
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MiB)

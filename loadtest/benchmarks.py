@@ -50,7 +50,7 @@ from typing import Any
 
 import httpx
 
-from loramux.loadtest import main as loadtest
+from loramux.loadtest.__main__ import main as loadtest
 from loramux.loadtest.adapters import (
     LLAMA_MODULES,
     AdapterRecipe,

@@ -25,14 +25,10 @@ from adapter_factory import (
     tiny_llama_config,
 )
 
-from loramux.adapters import (
-    AdapterError,
-    AdapterNotFound,
-    AdapterRefused,
-    AdapterRegistry,
-    RegistryConfig,
-    Rule,
-)
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.peft import AdapterRefused, Rule
+from loramux.adapters.registry import AdapterRegistry
+from loramux.adapters.types import AdapterError, AdapterNotFound
 from loramux.adapters.types import MODULES
 
 CFG = tiny_llama_config(layers=2)

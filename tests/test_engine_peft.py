@@ -31,8 +31,12 @@ from engine_helpers import (
     tiny_config,
     tiny_model,
 )
-from loramux.adapters import AdapterRegistry, RegistryConfig
-from loramux.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.registry import AdapterRegistry
+from loramux.engine.config import EngineConfig
+from loramux.engine.engine import LLMEngine
+from loramux.engine.request import RequestOutput
+from loramux.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 NAMES: list[str | None] = [*ADAPTERS, None]

@@ -20,7 +20,7 @@ from loramux.engine.request import SeqStatus, Sequence
 from loramux.engine.sampler import SamplingState
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import Scheduler
-from loramux.kernels import sgmv_expand_ref, sgmv_shrink_ref
+from loramux.kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 
 # ---------------------------------------------------------------------- block allocator
 

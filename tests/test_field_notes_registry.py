@@ -28,9 +28,12 @@ from reliability_world import ADMIN, World, build_world, wait_for
 from server_harness import LiveServer
 from torch.overrides import TorchFunctionMode
 
-from loramux.adapters import AdapterRegistry, RegistryConfig
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.registry import AdapterRegistry
 from loramux.adapters.pool import DevicePool, Resident
-from loramux.engine import EngineConfig, LLMEngine, SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.engine.engine import LLMEngine
+from loramux.engine.sampling_params import SamplingParams
 from loramux.server.app import create_app
 from loramux.server.config import ServerConfig
 from loramux.server.local_engine import LocalEngineClient

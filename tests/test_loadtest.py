@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from loramux.adapters.config import RegistryConfig
 from loramux.engine.config import EngineConfig
-from loramux.loadtest import main
+from loramux.loadtest.__main__ import main
 from loramux.loadtest.adapters import (
     AdapterRecipe,
     find_adapters,

@@ -28,15 +28,10 @@ from adapter_factory import (
 )
 
 import loramux.adapters.registry as registry_module
-from loramux.adapters import (
-    AdapterError,
-    AdapterNotFound,
-    AdapterRef,
-    AdapterRefused,
-    AdapterRegistry,
-    RegistryConfig,
-    Rule,
-)
+from loramux.adapters.config import RegistryConfig
+from loramux.adapters.peft import AdapterRefused, Rule
+from loramux.adapters.registry import AdapterRegistry
+from loramux.adapters.types import AdapterError, AdapterNotFound, AdapterRef
 from loramux.adapters.host_cache import full_rank_numel
 from loramux.adapters.pool import RegionAllocator
 from loramux.adapters.types import MODULE_PARENTS, MODULES
@@ -180,7 +175,7 @@ def test_kernel_reference_end_to_end(many: list[Path], base_model: Any) -> None:
     """A mixed batch (three adapters and rows without one) through loramux.kernels reads the
     registry's tables and gives PEFT's LoRA delta for every projection."""
     try:
-        from loramux.kernels import sgmv_expand, sgmv_shrink
+        from loramux.kernels.ops import sgmv_expand, sgmv_shrink
     except ImportError:
         try:
             from loramux.kernels.reference import sgmv_expand_ref as sgmv_expand

@@ -18,7 +18,8 @@ from functools import partial
 
 import pytest
 import torch
-from loramux.kernels import Backend, sgmv_expand, sgmv_expand_ref, sgmv_shrink, sgmv_shrink_ref
+from loramux.kernels.ops import Backend, sgmv_expand, sgmv_shrink
+from loramux.kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 
 # loramux.kernels imports triton lazily, on the first Triton call, so this still comes before
 # @triton.jit decorates the kernels (tests/conftest.py sets it too).
