@@ -1,8 +1,9 @@
 """The admin API: vLLM's runtime LoRA endpoints and loramux's /admin/adapters.
 
 Every route needs `Authorization: Bearer <admin token>` (compared in constant time; 401
-without it or with a wrong one). Without a configured token the admin API does not exist:
-every route answers 404, as an unknown path would.
+without it or with a wrong one). Without a configured token the admin API is off: every path
+under /admin and both vLLM routes answer 404 (whatever the method) with an OpenAI error body
+saying so and how to turn it on, so that an operator does not chase a wrong URL.
 
     POST   /v1/load_lora_adapter      {"lora_name", "lora_path"}  (vLLM; a new version if
                                                                   the name exists)
@@ -75,11 +76,34 @@ def bearer_is(request: Request, token: str | None) -> bool:
     return scheme.lower() == "bearer" and valid
 
 
+_VLLM_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+def admin_disabled() -> APIError:
+    """The 404 of every admin path while the admin API is off."""
+    return APIError(404, "The admin API is disabled on this server: start loramux with "
+                    "--admin-token (or LORAMUX_ADMIN_TOKEN) to enable it.",
+                    code="admin_disabled")
+
+
+def is_admin_path(path: str) -> bool:
+    path = path.rstrip("/")
+    return path == "/admin" or path.startswith("/admin/") or path in _VLLM_PATHS
+
+
+def unrouted_admin(request: Request) -> APIError | None:
+    """For the error handlers: the admin-off 404 also for admin paths no route matches
+    (`/admin/nope`, a wrong method), which never reach `require_admin`."""
+    if is_admin_path(request.url.path) and _state(request).config.admin_token is None:
+        return admin_disabled()
+    return None
+
+
 async def require_admin(request: Request) -> None:
     """404 when admin is off; 401 unless the bearer token equals the admin token."""
     token: str | None = _state(request).config.admin_token
     if token is None:
-        raise APIError(404, "Not Found")
+        raise admin_disabled()
     if not bearer_is(request, token):
         raise APIError(401, "Invalid or missing admin token.", code="invalid_admin_token")
     request.state.tenant = "admin"

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from loramux.adapters.types import AdapterError, AdapterNotFound
 from loramux.engine.sampling_params import SamplingParams
-from loramux.server.admin import bearer_is, build_admin_router
+from loramux.server.admin import bearer_is, build_admin_router, unrouted_admin
 from loramux.server.config import ServerConfig
 from loramux.server.engine_client import (
     EngineClient,
@@ -290,7 +290,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
 
     app = FastAPI(title="loramux", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.loramux = state
-    install_error_handlers(app)
+    install_error_handlers(app, unrouted=unrouted_admin)
     install_openapi(app)
     app.add_middleware(RequestIdMiddleware, on_response=metrics.count_response)
     app.include_router(build_admin_router())

@@ -2,14 +2,16 @@
 
 Handlers raise `APIError` (or one of its helpers); FastAPI's own validation errors and
 Starlette's HTTP errors are turned into the same body here, with 400 instead of FastAPI's 422
-because that is what OpenAI clients expect. Anything unexpected becomes a 500 whose message
-never carries the exception's text: the details go to the log under the request id.
+because that is what OpenAI clients expect; the router's bare 404 and 405 say which method
+and URL were wrong, as OpenAI's do. Anything unexpected becomes a 500 whose message never
+carries the exception's text: the details go to the log under the request id.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -118,8 +120,27 @@ def _loc_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _unknown_fields(errors: Sequence[Any]) -> list[str]:
+    """The fields pydantic refused as undeclared (`extra="forbid"`), the outermost first."""
+    locs = [tuple(e.get("loc", ())) for e in errors if e.get("type") == "extra_forbidden"]
+    names = [_loc_param(loc) for loc in sorted(locs, key=len)]
+    return [name for name in names if name]
+
+
 def validation_error(errors: Sequence[Any]) -> APIError:
-    """A 400 naming the first invalid field (pydantic's or FastAPI's error list)."""
+    """A 400 naming the first invalid field (pydantic's or FastAPI's error list).
+
+    Unknown fields are named before anything else, in OpenAI's words: a misspelt field
+    (`promt`) also makes the real one missing, and the spelling is what the caller must fix.
+    """
+    unknown = _unknown_fields(errors)
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        message = f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}"
+        others = len(errors) - len(unknown)
+        if others > 0:
+            message += f" (and {others} more)"
+        return APIError(400, message, param=unknown[0])
     first = errors[0] if errors else {}
     loc = tuple(first.get("loc", ()))
     param = _loc_param(loc)
@@ -134,8 +155,29 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     return APIError(400, message, param=param)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error through the OpenAI body."""
+_PATH_SHOWN = 200  # characters of a request path an error message repeats
+
+
+def _routing_message(request: Request, exc: StarletteHTTPException) -> str:
+    """What the router's bare 404 / 405 ("Not Found") means, in OpenAI's words."""
+    path = request.url.path
+    if len(path) > _PATH_SHOWN:
+        path = path[:_PATH_SHOWN] + "..."
+    where = f"{request.method} {path}"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow")
+        return f"Invalid method for URL ({where})" + (f"; use {allowed}." if allowed else ".")
+    return f"Invalid URL ({where})."
+
+
+def install_error_handlers(
+    app: FastAPI, *, unrouted: Callable[[Request], APIError | None] | None = None
+) -> None:
+    """Route every error through the OpenAI body.
+
+    `unrouted(request)` may give the error for a path no route answered (404) or answered
+    with another method (405), instead of the generic one: the admin API's when it is off.
+    """
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -147,7 +189,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405) and unrouted is not None:
+            instead = unrouted(request)
+            if instead is not None:
+                return instead.response(_request_id(request))
         detail = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code in (404, 405) and detail == HTTPStatus(exc.status_code).phrase:
+            detail = _routing_message(request, exc)  # the router's, which says nothing
         err = APIError(exc.status_code, detail)
         response = err.response(_request_id(request))
         for key, value in (exc.headers or {}).items():

@@ -1,11 +1,15 @@
 """Pydantic models of the OpenAI API as loramux serves it: requests in, responses out.
 
-Unknown request fields are ignored, as OpenAI clients expect (they send new fields before
-servers know them). vLLM's sampling extensions (`top_k`, `min_p`, `min_tokens`, `ignore_eos`,
+An unknown request field is a 400 naming it, as OpenAI answers ("Unrecognized request argument
+supplied: max_token"): a misspelt option silently ignored gives a wrong answer that looks
+right. vLLM's sampling extensions (`top_k`, `min_p`, `min_tokens`, `ignore_eos`,
 `repetition_penalty`, `stop_token_ids`, `include_stop_str_in_output`) are accepted in both
-bodies because benchmark tools send them. Fields that would change the answer but that loramux
-does not implement (`logit_bias`, `suffix`, tools, JSON mode) are refused with a 400 rather
-than silently ignored.
+bodies because benchmark tools send them, and so are the OpenAI fields that SDKs and
+frameworks send routinely without changing the text (`user`, `metadata`, `store`,
+`service_tier`, ...: declared, without effect). Fields that would change the answer but that
+loramux does not implement (`logit_bias`, `suffix`, tools, JSON mode) are refused with a 400
+rather than silently ignored. Chat messages and their content parts are the exception: their
+undeclared keys are ignored (see `ChatMessage`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ from loramux.server.errors import APIError, validation_error
 
 
 class _Request(BaseModel):
+    """A request body (or an option object in one): an undeclared field is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Lenient(BaseModel):
+    """A part of a body whose shape clients vary freely: undeclared keys are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
@@ -65,7 +77,10 @@ def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # vLLM (guidellm sends it)
+    # OpenAI pads its stream chunks against length side channels; loramux does not, and a
+    # client asking for it (or turning it off) gets the same events.
+    include_obfuscation: bool | None = None
 
 
 class _SamplingFields(_Request):
@@ -167,12 +182,23 @@ class CompletionRequest(_SamplingFields):
         return super().unsupported()
 
 
-class ContentPart(_Request):
+class ContentPart(_Lenient):
+    """One part of a message's content; `ChatMessage.text` refuses all but text parts (so an
+    image part is a 400 saying its type, not one about its `image_url` key)."""
+
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(_Lenient):
+    """One message. Unlike the body, a message ignores the keys it does not declare:
+    clients send the history back as they got it or as their framework builds it, with
+    `tool_calls`, `tool_call_id`, `refusal`, `audio`, `function_call`, vLLM's
+    `reasoning_content`, LiteLLM's `provider_specific_fields` or `cache_control`, and which
+    keys come depends on the role and the client's version. Refusing them would break routine
+    multi-turn use; ignoring them loses nothing the chat template gets (role and text only,
+    and tools themselves are refused)."""
+
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -201,6 +227,17 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    # Accepted without effect, because SDKs and frameworks (LangChain, LiteLLM) send them
+    # routinely and none changes the text: bookkeeping and routing hints (loramux has one
+    # service tier and stores no completions) and tool options that only matter with tools
+    # (which `unsupported` refuses).
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    function_call: Any = None
     # vLLM extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False

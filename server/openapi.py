@@ -36,9 +36,9 @@ _PUBLIC = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/
 _OPEN = ("/health", "/ready", "/metrics", "/openapi.json")
 
 _ERROR_STATUSES = {
-    "400": "Bad input (invalid JSON, field or value).",
+    "400": "Bad input (invalid JSON, an unknown field, a wrong field or value).",
     "401": "No or wrong API key / admin token.",
-    "404": "Unknown model or adapter, or one this key may not use.",
+    "404": "Unknown model or adapter, or one this key may not use (admin routes: admin is off).",
     "409": "Conflicting adapter operation.",
     "413": "Upload or adapter too large.",
     "415": "Upload not sent as multipart/form-data.",

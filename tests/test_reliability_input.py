@@ -123,6 +123,11 @@ REQUESTS: list[tuple[str, str, dict[str, Any] | bytes, int, str | None, str]] = 
      "tools", "not supported"),
     ("unsupported-logit-bias", CMPL, {"model": BASE, "prompt": "x", "logit_bias": {"1": 3}},
      400, "logit_bias", "not supported"),
+    ("unknown-field", CMPL, {"model": BASE, "prompt": "x", "max_token": 3}, 400, "max_token",
+     "Unrecognized request argument supplied: max_token"),
+    ("unknown-field-chat-stream", CHAT, {"model": BASE, "messages": MSG, "stream": True,
+                                         "max_tokenz": 3}, 400, "max_tokenz",
+     "Unrecognized request argument supplied: max_tokenz"),
 ]
 
 # Models that must all get the very same 404 (but for the name): unknown, another tenant's,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from server_fakes import FakeEngine
@@ -154,11 +155,230 @@ def test_json_body_without_content_type_is_accepted(client: TestClient) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_unknown_fields_are_ignored(client: TestClient) -> None:
-    response = client.post("/v1/completions", headers=auth("acme"), json={
-        "model": "base", "prompt": "hi", "max_tokens": 3, "brand_new_option": [1, 2]})
-    assert response.status_code == 200
-    assert response.json()["choices"][0]["text"] == "bas"
+
+
+# ============================================================================ request fields
+
+BODIES: dict[str, dict[str, Any]] = {
+    "/v1/completions": {"model": "base", "prompt": "hi", "max_tokens": 3},
+    "/v1/chat/completions": {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 3},
+}
+CHAT = "/v1/chat/completions"
+
+
+def post_ok(client: TestClient, path: str, fields: dict[str, Any]) -> httpx.Response:
+    """POST the endpoint's minimal body plus `fields`; it must succeed, streamed or not."""
+    response = client.post(path, headers=auth("acme"), json={**BODIES[path], **fields})
+    assert response.status_code == 200, (fields, response.text)
+    if fields.get("stream"):
+        events = [e for e in response.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("path", list(BODIES))
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"max_token": 3}, "max_token"),
+    ({"temprature": 0.5}, "temprature"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),  # an OpenAI field loramux lacks
+    ({"stream_options": {"include_usage": True, "include_usgae": True}},
+     "stream_options.include_usgae"),
+], ids=["max_token", "temprature", "reasoning_effort", "nested"])
+def test_unknown_fields_are_400_naming_them(path: str, stream: bool, fields: dict[str, Any],
+                                            param: str) -> None:
+    engine = FakeEngine()
+    with make_client(engine) as client:
+        response = client.post(path, headers=auth("acme"),
+                               json={**BODIES[path], "stream": stream, **fields})
+        err = assert_error(response, 400)
+        assert err == {"message": f"Unrecognized request argument supplied: {param}",
+                       "type": "invalid_request_error", "param": param, "code": None}
+        assert engine.started == []  # refused before anything ran
+
+
+def test_a_misspelt_field_is_named_before_the_missing_one(client: TestClient) -> None:
+    err = assert_error(client.post("/v1/completions", headers=auth("acme"), json={
+        "model": "base", "promt": "hi", "max_tokens": 3, "max_token": 3}), 400)
+    assert err["param"] == "promt"
+    assert err["message"] == ("Unrecognized request arguments supplied: promt, max_token "
+                              "(and 1 more)")
+    # A field of the other endpoint is unknown here.
+    err = assert_error(client.post(CHAT, headers=auth("acme"), json={
+        **BODIES[CHAT], "prompt": "hi"}), 400)
+    assert err["param"] == "prompt"
+    err = assert_error(client.post("/v1/completions", headers=auth("acme"), json={
+        **BODIES["/v1/completions"], "messages": []}), 400)
+    assert err["param"] == "messages"
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+@pytest.mark.parametrize(("field", "value"), [
+    ("top_k", 5), ("min_p", 0.1), ("min_tokens", 2), ("ignore_eos", True),
+    ("repetition_penalty", 1.1), ("stop_token_ids", [7]), ("include_stop_str_in_output", True),
+])
+def test_vllm_sampling_extensions_are_accepted(path: str, field: str, value: Any) -> None:
+    engine = FakeEngine()
+    with make_client(engine) as client:
+        for stream in (False, True):
+            post_ok(client, path, {field: value, "stream": stream})
+            assert engine.last_params is not None
+            got = getattr(engine.last_params, field)
+            assert got == (tuple(value) if isinstance(value, list) else value), field
+
+
+def test_vllm_chat_extensions_are_accepted(client: TestClient) -> None:
+    post_ok(client, CHAT, {"add_generation_prompt": False, "continue_final_message": True,
+                           "chat_template_kwargs": {"enable_thinking": False}})
+    post_ok(client, "/v1/completions", {"stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+
+
+# What clients send routinely without changing the text: each must pass (one field at a time,
+# so that a failure names it). Fields declared before the unknown-field check keep their
+# behaviour: logit_bias, response_format, suffix and best_of are refused when set to
+# something loramux does not do (test_declared_fields_still_refuse_what_loramux_lacks).
+ROUTINE_FIELDS: list[tuple[str, dict[str, Any]]] = [
+    *((path, fields) for path in BODIES for fields in (
+        {"user": "user-1234"}, {"n": 1}, {"seed": 7}, {"presence_penalty": 0.5},
+        {"frequency_penalty": -0.5}, {"stop": "\n"}, {"stop": ["\n", "###"]}, {"stop": None},
+        {"temperature": 0.7}, {"top_p": 0.9}, {"logit_bias": {}}, {"logit_bias": None},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"stream": False, "stream_options": None},
+    )),
+    *(("/v1/completions", fields) for fields in (
+        {"echo": False}, {"echo": True}, {"best_of": 1}, {"suffix": None}, {"suffix": ""},
+        {"logprobs": None}, {"logprobs": 1},
+    )),
+    *((CHAT, fields) for fields in (
+        {"max_completion_tokens": 3}, {"parallel_tool_calls": False}, {"metadata": {"a": "b"}},
+        {"store": False}, {"store": True}, {"service_tier": "auto"},
+        {"response_format": {"type": "text"}}, {"tool_choice": "none"},
+        {"function_call": "none"}, {"prompt_cache_key": "conv-1"},
+        {"safety_identifier": "hashed-user"}, {"logprobs": False}, {"top_logprobs": None},
+        {"stream": True, "stream_options": {"include_usage": True,
+                                            "include_obfuscation": False}},
+    )),
+]
+
+
+@pytest.mark.parametrize(("path", "fields"), ROUTINE_FIELDS,
+                         ids=[f"{p.rsplit('/', 1)[-1]}-{'+'.join(f)}" for p, f in ROUTINE_FIELDS])
+def test_fields_clients_send_routinely_are_accepted(client: TestClient, path: str,
+                                                    fields: dict[str, Any]) -> None:
+    post_ok(client, path, fields)
+
+
+# Whole bodies as the clients build them (their default request plus common options).
+CLIENT_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "langchain-chatopenai": (CHAT, {
+        "model": "base", "stream": True, "n": 1, "temperature": 0.7,
+        "stream_options": {"include_usage": True}, "max_completion_tokens": 3,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "weather?", "name": "alice"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "weather", "arguments": "{}"}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+            {"role": "assistant", "content": "It is sunny.", "refusal": None},
+            {"role": "user", "content": [{"type": "text", "text": "thanks",
+                                          "cache_control": {"type": "ephemeral"}}]},
+        ]}),
+    "litellm": (CHAT, {
+        "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+        "user": "litellm-key-alias", "stream": False, "metadata": {"trace": "t-1"}}),
+    "guidellm-completions": ("/v1/completions", {
+        "model": "base", "prompt": "hi", "max_tokens": 3, "stop": None, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True,
+                                           "continuous_usage_stats": True}}),
+    "guidellm-chat": (CHAT, {
+        "model": "base", "messages": [{"role": "user",
+                                       "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 3, "stop": None, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+    "vllm-bench-serve": ("/v1/completions", {
+        "model": "base", "prompt": "hi", "temperature": 0.0, "repetition_penalty": 1.0,
+        "best_of": 1, "max_tokens": 3, "logprobs": None, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIENT_BODIES))
+def test_bodies_as_common_clients_send_them_are_accepted(client: TestClient, name: str) -> None:
+    path, body = CLIENT_BODIES[name]
+    response = client.post(path, headers=auth("acme"), json=body)
+    assert response.status_code == 200, response.text
+    assert "[DONE]" in response.text if body.get("stream") else response.json()["choices"]
+
+
+@pytest.mark.parametrize(("path", "fields", "param"), [
+    (CHAT, {"logit_bias": {"1": 5}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"tools": [{"type": "function"}], "parallel_tool_calls": True}, "tools"),
+    ("/v1/completions", {"suffix": "tail"}, "suffix"),
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+])
+def test_declared_fields_still_refuse_what_loramux_lacks(client: TestClient, path: str,
+                                                         fields: dict[str, Any],
+                                                         param: str) -> None:
+    response = client.post(path, headers=auth("acme"), json={**BODIES[path], **fields})
+    err = assert_error(response, 400)
+    assert err["param"] == param and "Unrecognized" not in err["message"]
+
+
+def test_admin_bodies_refuse_unknown_fields(client: TestClient) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for path, body, param in (
+            ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "a", "lora_pth": "b"},
+             "lora_pth"),
+            ("/v1/unload_lora_adapter", {"lora_name": "acme-a", "force": True}, "force"),
+            ("/admin/adapters", {"name": "a", "pinned": True}, "pinned")):
+        err = assert_error(client.post(path, headers=admin, json=body), 400)
+        assert err["param"] == param
+        assert err["message"] == f"Unrecognized request argument supplied: {param}"
+    assert "acme-a" in client.app.state.loramux.engine.adapters  # nothing was unloaded
+    # vLLM's own fields stay accepted.
+    ok = client.post("/v1/unload_lora_adapter", headers=admin,
+                     json={"lora_name": "acme-a", "lora_int_id": 1})
+    assert ok.status_code == 200, ok.text
+
+
+def test_the_openai_package_is_accepted_and_sees_unknown_fields_named() -> None:
+    """The real SDK against a live server: its requests, with the options SDK users set
+    routinely, pass; a field the server does not know comes back as a BadRequestError."""
+    with _live(FakeEngine()) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["acme"], max_retries=0)
+        assert sdk.completions.create(model="base", prompt="hi", max_tokens=3
+                                      ).choices[0].text == "bas"
+        out = sdk.completions.create(
+            model="base", prompt="hi", max_tokens=3, n=1, best_of=1, echo=False, seed=1,
+            frequency_penalty=0.1, presence_penalty=0.1, stop=["\n"], temperature=0.5,
+            top_p=0.9, user="u-1", logit_bias={}, suffix=None,
+            extra_body={"top_k": 5, "ignore_eos": True, "min_tokens": 1})
+        assert out.choices[0].text == "bas"
+        messages: list[Any] = [{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": "hi", "name": "alice"}]
+        chat = sdk.chat.completions.create(
+            model="base", messages=messages, max_completion_tokens=3, n=1, seed=1,
+            user="u-1", metadata={"app": "test"}, store=False, service_tier="auto",
+            parallel_tool_calls=False, response_format={"type": "text"}, stop="\n",
+            prompt_cache_key="conv-1", safety_identifier="hashed")
+        assert chat.choices[0].message.content == "bas"
+        stream = sdk.chat.completions.create(
+            model="base", messages=messages, max_tokens=3, stream=True,
+            stream_options={"include_usage": True, "include_obfuscation": False})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "bas"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+        for stream_it in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                sdk.chat.completions.create(model="base", messages=messages, stream=stream_it,
+                                            extra_body={"max_token": 3})
+            assert err.value.status_code == 400 and err.value.param == "max_token"
+            assert "Unrecognized request argument supplied: max_token" in err.value.message
 
 
 def test_auth_errors_are_401(client: TestClient) -> None:
@@ -240,8 +460,19 @@ def test_unexpected_errors_are_500_without_internals() -> None:
 
 
 def test_unknown_route_and_method_use_the_error_body(client: TestClient) -> None:
-    assert_error(client.get("/v1/nothing"), 404)
-    assert_error(client.get("/v1/completions"), 405)
+    err = assert_error(client.get("/v1/nothing"), 404)
+    assert err["message"] == "Invalid URL (GET /v1/nothing)." and err["code"] == "not_found"
+    assert_error(client.post("/v1/nope", json={"model": "base"}, headers=auth("acme")), 404)
+    response = client.get("/v1/completions")
+    err = assert_error(response, 405)
+    assert err["message"] == "Invalid method for URL (GET /v1/completions); use POST."
+    assert err["code"] == "method_not_allowed" and response.headers["allow"] == "POST"
+    # With admin on, a path under /admin that no route has is an ordinary unknown URL.
+    err = assert_error(client.get("/admin/nope", headers={"Authorization": f"Bearer {ADMIN}"}),
+                       404)
+    assert err["message"] == "Invalid URL (GET /admin/nope)."
+    long = "/v1/" + "x" * 5000
+    assert len(assert_error(client.get(long), 404)["message"]) < 300
 
 
 def test_not_ready_is_503_with_retry_after() -> None:
@@ -336,13 +567,31 @@ def test_stream_framing_and_usage(client: TestClient) -> None:
 # ============================================================================ admin
 
 
+ADMIN_OFF = ("The admin API is disabled on this server: start loramux with --admin-token "
+             "(or LORAMUX_ADMIN_TOKEN) to enable it.")
+
+
 def test_admin_off_without_token() -> None:
+    """Every admin path, known or not and whatever the method, says the admin API is off."""
+    calls = [("GET", "/admin/adapters"), ("POST", "/admin/adapters"),
+             ("GET", "/admin/adapters/x"), ("PUT", "/admin/adapters/x"),
+             ("DELETE", "/admin/adapters/x"), ("POST", "/admin/adapters/x/pin"),
+             ("POST", "/admin/adapters/x/unpin"), ("POST", "/v1/load_lora_adapter"),
+             ("POST", "/v1/unload_lora_adapter"),
+             ("GET", "/admin"), ("GET", "/admin/nope"), ("POST", "/admin/adapters/x/y/z"),
+             ("GET", "/v1/load_lora_adapter"), ("PATCH", "/admin/adapters")]  # wrong methods
     with make_client(admin_token=None) as client:
-        for method, path in (("GET", "/admin/adapters"), ("POST", "/v1/load_lora_adapter"),
-                             ("DELETE", "/admin/adapters/x")):
-            err = assert_error(client.request(method, path,
-                                              headers={"Authorization": "Bearer x"}), 404)
-            assert err["message"] == "Not Found"
+        for method, path in calls:
+            for headers in ({}, {"Authorization": "Bearer x"}):
+                response = client.request(method, path, headers=headers,
+                                          json={"lora_name": "a", "lora_path": "a"})
+                err = assert_error(response, 404)
+                assert err == {"message": ADMIN_OFF, "type": "invalid_request_error",
+                               "param": None, "code": "admin_disabled"}, (method, path)
+                assert "allow" not in response.headers
+        # The rest of the server is not affected.
+        assert assert_error(client.get("/v1/nope"), 404)["code"] == "not_found"
+        assert client.get("/v1/models", headers=auth("acme")).status_code == 200
 
 
 def test_admin_needs_the_admin_token(client: TestClient) -> None:

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 
 from loramux.server.errors import APIError
 from loramux.server.limits import Limiter, TokenBucket
 from loramux.server.metrics import RuntimeStats, ServerMetrics
-from loramux.server.openai_schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from loramux.server.openai_schemas import (
+    AdminLoadRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    parse_body,
+)
 from loramux.server.tenants import (
     OPEN_TENANT,
     Tenant,
@@ -319,7 +327,7 @@ def test_completion_request_fields() -> None:
     body = parse_body(json.dumps({
         "model": "m", "prompt": "hi", "max_tokens": 5, "stop": "x", "n": 2, "seed": 3,
         "top_k": 5, "min_tokens": 2, "ignore_eos": True, "repetition_penalty": 1.1,
-        "stop_token_ids": [7], "logprobs": 2, "some_future_field": {"a": 1},
+        "stop_token_ids": [7], "logprobs": 2,
     }).encode(), CompletionRequest)
     params = body.sampling_params(5, body.logprobs, body.seed)
     assert params.stop == ("x",) and params.top_k == 5 and params.min_tokens == 2
@@ -360,6 +368,37 @@ def test_bad_bodies_are_400(raw: bytes, status_param: str | None) -> None:
     assert err.value.status == 400 and err.value.param == status_param
 
 
+@pytest.mark.parametrize(("model", "raw", "param"), [
+    (CompletionRequest, b'{"model": "m", "prompt": "x", "max_token": 3}', "max_token"),
+    (CompletionRequest, b'{"model": "m", "prompt": "x", "stream_options": {"x": 1}}',
+     "stream_options.x"),
+    (ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user"}], "echo": true}',
+     "echo"),
+    (LoadLoraAdapterRequest, b'{"lora_name": "a", "lora_path": "b", "base_model": "c"}',
+     "base_model"),
+    (UnloadLoraAdapterRequest, b'{"lora_name": "a", "lora_path": "b"}', "lora_path"),
+    (AdminLoadRequest, b'{"name": "a", "pinned": true}', "pinned"),
+])
+def test_unknown_fields_are_400_in_openais_words(model: type[BaseModel], raw: bytes,
+                                                 param: str) -> None:
+    with pytest.raises(APIError) as err:
+        parse_body(raw, model)
+    assert err.value.status == 400 and err.value.param == param
+    assert err.value.message == f"Unrecognized request argument supplied: {param}"
+
+
+def test_chat_messages_ignore_keys_they_do_not_declare() -> None:
+    """Clients send history back as they got it (tool_calls, refusal, reasoning_content...)."""
+    body = parse_body(json.dumps({"model": "m", "messages": [
+        {"role": "assistant", "content": None, "refusal": None, "reasoning_content": "hm",
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [
+            {"type": "text", "text": "ok", "cache_control": {"type": "ephemeral"}}]},
+    ]}).encode(), ChatCompletionRequest)
+    assert [m.text() for m in body.messages] == ["", "ok"]
+
+
 def test_out_of_range_sampling_values_are_400_naming_the_field() -> None:
     # The body's schema holds the ranges (so /openapi.json states them) ...
     with pytest.raises(APIError, match="temperature") as err:
@@ -374,7 +413,7 @@ def test_out_of_range_sampling_values_are_400_naming_the_field() -> None:
 def test_local_engine_reports_no_context_length_before_the_model_loads(tmp_path: Path) -> None:
     """/v1/models answers while the model loads; its max_model_len must then be unknown (None),
     not 0 and not the --max-model-len cap, which the model itself may lower."""
-    from loramux.engine import EngineConfig
+    from loramux.engine.config import EngineConfig
     from loramux.server.local_engine import LocalEngineClient
 
     client = LocalEngineClient(EngineConfig(model=str(tmp_path / "model"), max_model_len=512))
