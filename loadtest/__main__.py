@@ -41,7 +41,9 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +69,42 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 # ============================================================================ arguments
+
+# Defaults read from the environment that --help must not echo: API keys and tokens.
+_SECRET_DESTS = frozenset({"api_key", "admin_token"})
+_ENV_TAG = re.compile(r"\s*(\[env [^\]]+\])$")
+_ANY_ENV_TAG = re.compile(r"\[env [^\]]+\]")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds each option's default, as `(default: X)` before its `[env ...]` tag, unless the
+    text already says it in words, the default is unset (None, off, empty) or a secret; and
+    wraps lines without splitting an `[env ...]` tag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0  # flags: their name says it
+                or default is None or default is argparse.SUPPRESS or default in ([], {}, "")
+                or action.dest in _SECRET_DESTS or "default" in text.lower()):
+            return text
+        values = default if isinstance(default, (list, tuple)) else [default]
+        shown = ",".join(_fmt(v) if isinstance(v, float) else str(v) for v in values)
+        # argparse %-formats help text: a literal % in a default must not start a placeholder.
+        note = f"(default: {shown.replace('%', '%%')})"
+        tag = _ENV_TAG.search(text)
+        if tag:
+            return f"{text[:tag.start()]} {note} {tag.group(1)}".strip()
+        return f"{text} {note}".strip()
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # As argparse wraps, but a tag is one unbreakable word (a no-break space inside, and
+        # no splitting of words longer than the line).
+        text = re.sub(r"[ \t\n\r\f\v]+", " ", text).strip()
+        glued = _ANY_ENV_TAG.sub(lambda m: m.group(0).replace(" ", "\xa0"), text)
+        lines = textwrap.wrap(glued, width, break_long_words=False)
+        return [line.replace("\xa0", " ") for line in lines]
+
 
 
 def _positive_float(text: str) -> float:
@@ -130,10 +168,11 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    "text file (one per line) instead of synthetic ones")
     g.add_argument("--tokenizer", help="tokenizer folder for exact prompt lengths (default: "
                    "--model-dir if given, else about one token per word)")
-    g.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    g.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="/v1/completions or /v1/chat/completions")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let the model stop at EOS (output lengths are then not controlled)")
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     g.add_argument("--seed", type=int, default=0, help="seed of the request plan")
 
 
@@ -150,7 +189,8 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
                    help="seconds after which no new request starts")
     g.add_argument("--timeout", type=_positive_float, default=3600.0,
                    help="hard bound on a run (drain included): the rest is cancelled")
-    g.add_argument("--request-timeout", type=_positive_float, default=600.0)
+    g.add_argument("--request-timeout", type=_positive_float, default=600.0,
+                   help="seconds one request may take")
     g.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each run")
 
 
@@ -161,8 +201,9 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label", help="name of this run in plots and JSON")
     g.add_argument("--slo-ttft", type=_positive_float, help="TTFT target in seconds")
     g.add_argument("--slo-tpot", type=_positive_float, help="TPOT target in seconds")
-    g.add_argument("--no-plots", dest="plots", action="store_false")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="draw no progress bars")
     g.add_argument("--fail-on-errors", action="store_true",
                    help="exit with status 1 when any request failed")
 
@@ -176,8 +217,8 @@ def _add_adapter_recipe(g: Any) -> None:
     g.add_argument("--b-std", type=_positive_float, default=0.02,
                    help="std of the random lora_B (non-zero so adapters do something)")
     g.add_argument("--adapter-dtype", choices=("float32", "bfloat16", "float16"),
-                   default="float32")
-    g.add_argument("--adapter-seed", type=int, default=0)
+                   default="float32", help="dtype of the written tensors")
+    g.add_argument("--adapter-seed", type=int, default=0, help="seed of the random weights")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -187,8 +228,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="load a server over HTTP and report")
-    run.add_argument("--url", default=os.environ.get("LORAMUX_URL", DEFAULT_URL))
+    run = commands.add_parser("run", help="load a server over HTTP and report",
+                              formatter_class=_HelpFormatter)
+    run.add_argument("--url", default=os.environ.get("LORAMUX_URL", DEFAULT_URL),
+                     help="the server's base URL [env LORAMUX_URL]")
     run.add_argument("--api-key", default=os.environ.get("LORAMUX_API_KEY")
                      or os.environ.get("OPENAI_API_KEY"),
                      help="Bearer key [env LORAMUX_API_KEY or OPENAI_API_KEY]")
@@ -208,8 +251,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="where adapters are made / found (default: OUT/adapters)")
     g.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),
                    help="[env LORAMUX_ADMIN_TOKEN]")
-    g.add_argument("--load-via", choices=("upload", "path"), default="upload")
-    g.add_argument("--adapter-name-prefix", default="lt-")
+    g.add_argument("--load-via", choices=("upload", "path"), default="upload",
+                   help="upload the files, or send a path under the server's --adapter-root")
+    g.add_argument("--adapter-name-prefix", default="lt-", help="names are PREFIX000, ...")
     _add_adapter_recipe(g)
     b = run.add_argument_group("baseline (--baseline peft)")
     b.add_argument("--baseline", choices=("peft",),
@@ -217,38 +261,49 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, help="PEFT batch size in open loop (default 8)")
     b.add_argument("--device", default="auto", help="PEFT device: auto, cpu, cuda")
 
-    peft = commands.add_parser("peft", help="the workload in process on peft.PeftModel")
+    peft = commands.add_parser("peft", help="the workload in process on peft.PeftModel",
+                               formatter_class=_HelpFormatter)
     peft.add_argument("--model-dir", help="base model folder (default: the embedded model)")
     peft.add_argument("--adapters-dir", type=Path, help="folder of adapter folders")
     peft.add_argument("--batch-size", type=int, help="batch size in open loop (default 8)")
-    peft.add_argument("--device", default="auto")
+    peft.add_argument("--device", default="auto", help="auto, cpu, cuda")
     peft.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16",
-                                                          "float16"))
+                                                          "float16"), help="the model's dtype")
     _add_workload(peft)
     _add_shape(peft)
     _add_report(peft)
 
-    make = commands.add_parser("make-adapters", help="write N random PEFT adapters")
+    make = commands.add_parser("make-adapters", help="write N random PEFT adapters",
+                               formatter_class=_HelpFormatter)
     make.add_argument("--model-dir", help="base model folder (default: the embedded model)")
-    make.add_argument("--num", type=int, required=True)
+    make.add_argument("--num", type=int, required=True, help="how many adapters")
     make.add_argument("--out", type=Path, required=True, help="folder to write them under")
     make.add_argument("--prefix", default="lt-", help="names are PREFIX000, PREFIX001, ...")
     _add_adapter_recipe(make)
     make.add_argument("--url", help="also load them into this server")
-    make.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"))
-    make.add_argument("--via", choices=("upload", "path"), default="upload")
-    make.add_argument("--no-progress", dest="progress", action="store_false")
+    make.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),
+                      help="[env LORAMUX_ADMIN_TOKEN]")
+    make.add_argument("--via", choices=("upload", "path"), default="upload",
+                      help="upload the files, or send a path under the server's --adapter-root")
+    make.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="draw no progress bar")
 
-    load = commands.add_parser("load-adapters", help="load a folder of adapters into a server")
-    load.add_argument("--url", default=os.environ.get("LORAMUX_URL", DEFAULT_URL))
-    load.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"))
+    load = commands.add_parser("load-adapters", help="load a folder of adapters into a server",
+                               formatter_class=_HelpFormatter)
+    load.add_argument("--url", default=os.environ.get("LORAMUX_URL", DEFAULT_URL),
+                      help="the server's base URL [env LORAMUX_URL]")
+    load.add_argument("--admin-token", default=os.environ.get("LORAMUX_ADMIN_TOKEN"),
+                      help="[env LORAMUX_ADMIN_TOKEN]")
     load.add_argument("--dir", type=Path, required=True, help="folder of adapter folders")
     load.add_argument("--prefix", help="only folders starting with this")
-    load.add_argument("--via", choices=("upload", "path"), default="upload")
-    load.add_argument("--concurrency", type=int, default=4)
-    load.add_argument("--no-progress", dest="progress", action="store_false")
+    load.add_argument("--via", choices=("upload", "path"), default="upload",
+                      help="upload the files, or send a path under the server's --adapter-root")
+    load.add_argument("--concurrency", type=int, default=4, help="loads in flight at once")
+    load.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="draw no progress bar")
 
-    compare = commands.add_parser("compare", help="plot results.json files side by side")
+    compare = commands.add_parser("compare", help="plot results.json files side by side",
+                                  formatter_class=_HelpFormatter)
     compare.add_argument("results", nargs="+", type=Path)
     compare.add_argument("--labels", help="one label per file (default: each run's label)")
     compare.add_argument("--x", help="one number per file: plot against it (e.g. 1,4,16,64)")

@@ -1,5 +1,7 @@
 """Make N random PEFT LoRA adapters for a base model, and load them into a running server.
 
+(`make_adapter` makes one: `loramux adapter demo` writes the README's first adapter with it.)
+
 Making: peft builds the LoRA layout on a weightless copy of the base (the model is
 instantiated from its config on the `meta` device, so a 7B base costs no memory), which gives
 the exact tensor names and shapes `save_pretrained` would write. Each adapter then gets
@@ -91,49 +93,75 @@ def _meta_peft_model(model_dir: str, rank: int, recipe: AdapterRecipe, alpha: fl
     return get_peft_model(base, lora)
 
 
+def _layout(model_dir: str | Path, rank: int, recipe: AdapterRecipe
+            ) -> tuple[dict[str, Any], Any]:
+    """({tensor name: shape}, LoraConfig) of a rank-`rank` adapter for the base at `model_dir`."""
+    from peft import get_peft_model_state_dict
+
+    alpha = recipe.alpha if recipe.alpha is not None else 2.0 * rank
+    peft_model = _meta_peft_model(str(model_dir), rank, recipe, alpha)
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
+    config = peft_model.peft_config["default"]
+    config.inference_mode = True
+    return shapes, config
+
+
+def _write_adapter(path: Path, shapes: Mapping[str, Any], config: Any, recipe: AdapterRecipe,
+                   seed: int) -> Path:
+    """Draw the adapter's tensors from `seed` and write it into `path` as PEFT does."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, recipe.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in shapes.items():
+        if ".lora_A." in key:
+            value = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+        elif ".lora_B." in key:
+            value = torch.randn(shape, generator=gen) * recipe.b_std
+        else:
+            raise ValueError(f"unexpected adapter tensor {key}")
+        tensors[key] = value.to(dtype).contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
+
+
+def _adapter_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def make_adapter(model_dir: str | Path, path: Path, *, recipe: AdapterRecipe = AdapterRecipe(),
+                 seed: int = 0) -> Path:
+    """Write one random adapter (rank `recipe.ranks[0]`) for the base at `model_dir` into
+    `path`: the same files as the first adapter `make_adapters` makes with this seed."""
+    shapes, config = _layout(model_dir, recipe.ranks[0], recipe)
+    return _write_adapter(path, shapes, config, recipe, _adapter_seed(seed, 0))
+
+
 def make_adapters(model_dir: str | Path, out_dir: Path, count: int, *,
                   recipe: AdapterRecipe = AdapterRecipe(), prefix: str = "lt-", seed: int = 0,
                   progress: bool = True) -> dict[str, Path]:
     """Write `count` random adapters for the base at `model_dir` under `out_dir/<name>`;
     returns {name: path}. Adapter i is drawn from seed (seed, i): the same call makes the same
     files."""
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if count < 1:
         raise ValueError("count must be at least 1")
-    dtype = getattr(torch, recipe.dtype)
-    layouts: dict[int, tuple[dict[str, torch.Size], Any]] = {}
+    layouts: dict[int, tuple[dict[str, Any], Any]] = {}
     made: dict[str, Path] = {}
     names = adapter_names(count, prefix)
     for i, name in enumerate(tqdm(names, desc="making adapters", unit="adapter",
                                   disable=None if progress else True)):
         rank = recipe.ranks[i % len(recipe.ranks)]
-        alpha = recipe.alpha if recipe.alpha is not None else 2.0 * rank
         if rank not in layouts:
-            peft_model = _meta_peft_model(str(model_dir), rank, recipe, alpha)
-            shapes = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
-            config = peft_model.peft_config["default"]
-            config.inference_mode = True
-            layouts[rank] = (shapes, config)
+            layouts[rank] = _layout(model_dir, rank, recipe)
         shapes, config = layouts[rank]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        tensors = {}
-        for key, shape in shapes.items():
-            if ".lora_A." in key:
-                value = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
-            elif ".lora_B." in key:
-                value = torch.randn(shape, generator=gen) * recipe.b_std
-            else:
-                raise ValueError(f"unexpected adapter tensor {key}")
-            tensors[key] = value.to(dtype).contiguous()
-        path = out_dir / name
-        path.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(path))
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        made[name] = path
+        made[name] = _write_adapter(out_dir / name, shapes, config, recipe,
+                                    _adapter_seed(seed, i))
     return made
 
 
@@ -238,6 +266,6 @@ def unload_adapters(url: str, names: Sequence[str], *, admin_token: str | None,
 
 __all__ = [
     "LLAMA_MODULES", "AdapterRecipe", "LoadOutcome", "adapter_info", "adapter_names",
-    "find_adapters", "load_adapters", "load_adapters_async", "make_adapters", "parse_targets",
-    "unload_adapters",
+    "find_adapters", "load_adapters", "load_adapters_async", "make_adapter", "make_adapters",
+    "parse_targets", "unload_adapters",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,14 @@ def test_convert_once_then_load_cache(tmp_path: Path) -> None:
     converted = subprocess.run([str(loramux), "model", "convert"], env=env, capture_output=True,
                                text=True, timeout=600)
     assert converted.returncode == 0, converted.stderr
-    assert "converting" in converted.stdout  # says what it does on the long first start
+    # Says what it does on the long first start, on stderr: stdout is only the path.
+    assert "converting the default model" in converted.stderr
     target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert converted.stdout.strip() == str(target)
+    # One progress bar, a line per step in a log (stderr is a pipe here), rising to 100%.
+    percents = [int(p) for p in re.findall(r"converting:\s+(\d+)%", converted.stderr)]
+    assert len(set(percents)) >= 7 and percents == sorted(percents), converted.stderr
+    assert percents[-1] == 100 and "dequantizing tensors" in converted.stderr
     assert (target / "model.safetensors").is_file()
     after = subprocess.run([str(loramux), "model", "path"], env=env, capture_output=True,
                            text=True, timeout=60)
@@ -64,4 +71,4 @@ def test_convert_once_then_load_cache(tmp_path: Path) -> None:
     # A second conversion request is a no-op: the cache is complete.
     again = subprocess.run([str(loramux), "model", "convert"], env=env, capture_output=True,
                            text=True, timeout=120)
-    assert "converting" not in again.stdout
+    assert "converting" not in again.stdout + again.stderr

@@ -551,3 +551,11 @@ def test_cli_serves_and_drains_on_sigterm(world: World, tmp_path: Path) -> None:
     out = log_path.read_text()
     assert "server is OPEN" in out  # an open server says so at start
     assert "draining" in out
+    # Once ready, one banner: where, what, for whom, and a curl to paste.
+    assert out.count("loramux is ready at") == 1
+    banner = out[out.index("loramux is ready at"):]
+    assert banner.startswith(f"loramux is ready at {url}\n")
+    assert f"  model      {BASE}\n" in banner
+    assert "  adapters   1 loaded: acme-support\n" in banner
+    assert "  admin API  off" in banner and "  access     OPEN" in banner
+    assert f"curl -s {url}/v1/completions" in banner and f'"model": "{BASE}"' in banner
