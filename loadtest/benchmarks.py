@@ -24,8 +24,7 @@ endpoint before any measurement. Each run sends a few unrecorded warm-up request
 Written to DIR: benchmarks.json (machine, plan, server commands, every scenario's summaries
 and ratios), tables.md (the same figures as Markdown tables), vs-peft.png, overhead.png,
 scaling.png, slots.png, server logs, and each run's own results.json and plots in a folder.
-Run it from outside the repository root (its kernels/ folder shadows a package that
-transformers probes for).
+Run it from any folder.
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ class ServerProcess:
                      "--host", "127.0.0.1", "--port", str(self.port),
                      "--shutdown-grace-seconds", "5"]
         self.log = log
-        self.cwd = cwd  # never the repository root: its kernels/ folder shadows a package
+        self.cwd = cwd
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
 

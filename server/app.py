@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI completions and chat, models, health, readiness, metrics, admin.
 
-One request, in order (shared/DESIGN.md, "Data flow"): authenticate the key to a tenant;
+One request, in order (docs/design.md, "Data flow"): authenticate the key to a tenant;
 parse the body (pydantic; a bad body is a 400); resolve `model` to the base or an adapter
 the tenant may use (anything else is the same 404); tokenize and check lengths and sampling
 parameters (400); admit it past the tenant's limits (429) and the global queue bound (503);
@@ -314,7 +314,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
-        # Metrics are the operators' and routers' (shared/DESIGN.md): with a metrics token,
+        # Metrics are the operators' and routers' (docs/design.md): with a metrics token,
         # a tenant's API key is no way in, as adapter names of all tenants are in the labels.
         token = config.metrics_token
         if token is not None and not (bearer_is(request, token)

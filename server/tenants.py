@@ -1,7 +1,7 @@
 """Tenants: who holds which API key, which adapters each may use, and each one's limits.
 
 The API-keys file (YAML; JSON is YAML) stores each key as the hex sha256 of the key, never in
-clear (shared/DESIGN.md, "Tenants"):
+clear (docs/design.md, "Tenants"):
 
     tenants:
       acme:

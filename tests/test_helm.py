@@ -1018,3 +1018,12 @@ def test_templates_use_only_known_values_keys(defaults: dict[str, Any]) -> None:
                 node = node[part]
     assert missing == []
 
+
+
+def test_pods_get_the_hub_switches(renders: dict[str, Render]) -> None:
+    """The server and its init containers read the ConfigMap: no hub code or requests."""
+    from loramux.offline import HUB_SWITCHES
+
+    env = renders["default"].configmap_env()
+    for name, (value, _) in HUB_SWITCHES.items():
+        assert env.get(name) == value, name

@@ -8,7 +8,7 @@
   that does not exist.
 - No listing, error or metric shows a tenant another tenant's adapter names.
 
-Metrics: shared/DESIGN.md gives /metrics to operators and inference routers, and
+Metrics: docs/design.md gives /metrics to operators and inference routers, and
 `vllm:lora_requests_info` must carry the adapter names (routers route on them), so the
 adapters of every tenant are in its labels. Metrics are therefore an operator surface, like
 the admin API, whose token is "separate from API keys": with `--metrics-token` a tenant's API
