@@ -39,7 +39,8 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; anything larger is not one
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Used with fullmatch only: `$` with re.match also accepts a trailing newline ("acme-x\n").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Rule:
@@ -132,7 +133,7 @@ class PeftAdapter:
 
 def check_name(name: str) -> None:
     """Refuse names that are not safe as a path component, URL segment or metric label."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise AdapterRefused(
             Rule.NAME, f"{name!r} must match {NAME_RE.pattern} and not contain '..'"
         )

@@ -450,7 +450,7 @@ class AdapterRegistry:
             loaded = set(self._names)
         found = []
         for child in root.iterdir():
-            if child.name in loaded or not NAME_RE.match(child.name) or ".." in child.name:
+            if child.name in loaded or not NAME_RE.fullmatch(child.name) or ".." in child.name:
                 continue
             if (child / CONFIG_FILE).is_file():
                 found.append(child.name)

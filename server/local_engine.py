@@ -38,7 +38,7 @@ from loramux.server.metrics import RuntimeStats
 
 log = logging.getLogger("loramux.server")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: see peft.NAME_RE
 
 
 def model_name(config: EngineConfig) -> str:
@@ -294,7 +294,7 @@ class LocalEngineClient:
         names = []
         try:
             for child in root.iterdir():
-                if (_NAME_RE.match(child.name) and ".." not in child.name
+                if (_NAME_RE.fullmatch(child.name) and ".." not in child.name
                         and child.name not in loaded and (child / CONFIG_FILE).is_file()):
                     names.append(child.name)
         except OSError as exc:

@@ -21,7 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("loramux.access")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch: `$` accepts a trailing "\n"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _loggable(value: object) -> str:
+    """`value` with control characters escaped, so a caller cannot forge log lines (\\r\\n)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 def new_request_id() -> str:
@@ -42,7 +48,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _ID_RE.match(incoming) else new_request_id()
+        request_id = incoming if _ID_RE.fullmatch(incoming) else new_request_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         start = time.monotonic()
@@ -63,9 +69,9 @@ class RequestIdMiddleware:
             access_log.log(
                 level,
                 "%s %s %s %d %.1fms tenant=%s adapter=%s%s",
-                request_id, scope.get("method", ""), path, final,
+                request_id, _loggable(scope.get("method", "")), _loggable(path), final,
                 (time.monotonic() - start) * 1000.0,
-                state.get("tenant", "-"), state.get("adapter", "-"),
+                _loggable(state.get("tenant", "-")), _loggable(state.get("adapter", "-")),
                 " disconnected" if state.get("disconnected") else "",
             )
 

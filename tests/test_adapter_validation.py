@@ -527,3 +527,14 @@ def test_pattern_key_is_peft_s(patterns: dict[str, int]) -> None:
         for module in MODULES:
             key = module_key(layer, module)
             assert get_pattern_key(list(patterns), key) == peft_get_pattern_key(patterns, key)
+
+
+@pytest.mark.parametrize("name", ["acme-x\n", "acme-x\r\n", "acme\nx", "\nacme", "acme-x\x00"])
+def test_names_with_control_characters_are_refused(name: str) -> None:
+    """re.match with `$` accepted a trailing newline: the name reached listings and labels."""
+    from loramux.adapters.peft import check_name
+
+    with pytest.raises(AdapterRefused) as refused:
+        check_name(name)
+    assert refused.value.rule is Rule.NAME
+    check_name(name.strip().replace("\n", "-").replace("\x00", ""))  # the clean name is fine

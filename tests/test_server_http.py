@@ -685,3 +685,17 @@ def test_queue_bound_503_and_concurrency_429_live() -> None:
                 assert_error(full, 503)
                 assert full.json()["error"]["code"] == "overloaded"
                 assert int(full.headers["retry-after"]) >= 1
+
+
+def test_access_log_escapes_control_characters(
+        client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A `model` with \\r\\n must not forge a second access-log line."""
+    caplog.set_level(logging.INFO, logger="loramux.access")
+    forged = "acme-a\r\nabc-2 POST /admin/adapters 200 1.0ms tenant=root adapter=x"
+    client.post("/v1/completions", headers={**auth("acme"), "X-Request-Id": "abc-3"},
+                json={"model": forged, "prompt": "hi"})
+    client.get("/v1/models", headers={"X-Request-Id": "abc-4\n"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "loramux.access"]
+    assert lines and not any("\r" in line or "\n" in line for line in lines)
+    assert not any(line.startswith("abc-2 ") for line in lines)
+    assert not any(line.startswith("abc-4") for line in lines)  # "abc-4\n" is no valid id
