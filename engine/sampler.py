@@ -198,7 +198,10 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     if min(top_p) < 1.0:
         probs = ranked.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
-        ranked.masked_fill_(mass_before >= torch.tensor(top_p, device=dev)[:, None], _NEG_INF)
+        # rank > 0: the best token is never cut, even where top_p rounds to 0 in float32
+        # (top_p=1e-300 cut every token, and the row then sampled token 0).
+        cut = (mass_before >= torch.tensor(top_p, device=dev)[:, None]) & (rank[None, :] > 0)
+        ranked.masked_fill_(cut, _NEG_INF)
     return torch.full_like(x, _NEG_INF).scatter_(-1, order, ranked)
 
 

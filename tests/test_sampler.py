@@ -155,10 +155,12 @@ def test_penalties_per_row_in_a_mixed_batch_match_the_reference() -> None:
     [
         {"top_k": 1},
         {"top_p": 1e-6},
+        {"top_p": 1e-300},  # 0 in float32: it cut every token and sampled token 0
+        {"top_p": 5e-324},
         {"min_p": 1.0},
         {"top_k": 1, "top_p": 0.5, "min_p": 0.1},
     ],
-    ids=["top_k=1", "top_p=tiny", "min_p=1", "all"],
+    ids=["top_k=1", "top_p=tiny", "top_p=1e-300", "top_p=denormal", "min_p=1", "all"],
 )
 def test_filters_that_keep_one_token_equal_greedy(params: dict[str, Any]) -> None:
     logits = rand_logits(64, 777, scale=1.0)
