@@ -75,7 +75,9 @@ def forbid_hub_code() -> dict[str, str]:
     late = {name: module for name, (_, module) in HUB_SWITCHES.items()
             if name in set_here and module is not None and module in sys.modules}
     if late:
-        log.warning("%s imported before loramux: %s may not take effect",
+        # Not a warning: a script that imports transformers first chose its own hub settings,
+        # and `loramux serve` always imports loramux first (the image and chart set them too).
+        log.info("%s imported before loramux: %s may not take effect",
                     ", ".join(sorted(set(late.values()))), ", ".join(late))
     if os.environ.get("KERNELS_CACHE") == os.devnull:
         # bitsandbytes asks for its Hub kernel on import whatever the switches say; the refusal

@@ -152,3 +152,15 @@ def test_a_missing_model_directory_is_a_local_error(tmp_path: Path) -> None:
     for missing in (str(tmp_path / "no-such-model"), "some-org/some-model"):
         with pytest.raises(FileNotFoundError, match="no model directory at"):
             load_hf_model(EngineConfig(model=missing, device="cpu"))
+
+
+def test_importing_transformers_first_from_the_root_is_quiet() -> None:
+    """Users start Python in the repository root and import transformers before loramux: no
+    warning on stderr (the late switches are an INFO line, seen only with logging set up)."""
+    repo = Path(__file__).resolve().parents[1]
+    code = "import transformers\nimport loramux\nfrom loramux import LLMEngine\nprint('ok')\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "before loramux" not in result.stderr and "kernels-community" not in result.stderr
