@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramux.adapters.peft import CONFIG_FILE, read_adapter
+from loramux.adapters.peft import CONFIG_FILE, NAME_RE, read_adapter
 from loramux.adapters.types import AdapterNotFound, AdapterRef
 from loramux.engine.config import EngineConfig
 from loramux.engine.default_model import DEFAULT_MODEL_NAME
@@ -37,8 +36,6 @@ from loramux.server.engine_client import (
 from loramux.server.metrics import RuntimeStats
 
 log = logging.getLogger("loramux.server")
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: see peft.NAME_RE
 
 
 def model_name(config: EngineConfig) -> str:
@@ -294,7 +291,7 @@ class LocalEngineClient:
         names = []
         try:
             for child in root.iterdir():
-                if (_NAME_RE.fullmatch(child.name) and ".." not in child.name
+                if (NAME_RE.fullmatch(child.name) and ".." not in child.name
                         and child.name not in loaded and (child / CONFIG_FILE).is_file()):
                     names.append(child.name)
         except OSError as exc:
