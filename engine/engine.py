@@ -206,6 +206,9 @@ class LLMEngine:
             reason = sampled.finish_reasons[row]
             logprob, top = sampled.logprobs[row], sampled.top_logprobs[row]
             row += 1
+            if reason == "error":
+                outputs.append(self._non_finite(seq))
+                continue
             seq.token_ids.append(token)
             self._generation_tokens += 1
             if seq.first_token_time is None:
@@ -251,6 +254,19 @@ class LLMEngine:
         text = seq.stop.feed(tail).text if tail else ""
         return text + seq.stop.flush()
 
+    def _non_finite(self, seq: Sequence) -> RequestOutput:
+        """End a request whose logits were NaN or infinite; the rest of the batch goes on."""
+        adapter = f"adapter {seq.adapter.name!r}" if seq.adapter is not None else "the base model"
+        log.error("request %s: %s gave non-finite logits after %d output tokens",
+                  seq.request_id, adapter, seq.num_output_tokens)
+        seq.finish_reason = "error"
+        seq.error_code = "non_finite_logits"
+        seq.error = (f"The model's output for this request is not finite (NaN or infinite "
+                     f"logits with {adapter}); nothing generated from it would mean anything.")
+        self.scheduler.finish(seq)
+        del self.requests[seq.request_id]
+        return self._output(seq, [], "", None, None)
+
     def _fail(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
         self.scheduler.remove(seq)
@@ -265,7 +281,7 @@ class LLMEngine:
             logprobs=[logprob] if want else None, top_logprobs=[top] if want else None,
             finished=seq.finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            error=seq.error)
+            error=seq.error, error_code=seq.error_code)
 
     # ------------------------------------------------------------------ conveniences
 
@@ -305,7 +321,8 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         top_logprobs=[t for o in outputs for t in (o.top_logprobs or [])] if want else None,
         finished=last.finished, finish_reason=last.finish_reason,
         stop_reason=last.stop_reason, num_prompt_tokens=last.num_prompt_tokens,
-        num_output_tokens=last.num_output_tokens, error=last.error)
+        num_output_tokens=last.num_output_tokens, error=last.error,
+        error_code=last.error_code)
 
 
 def _eos_ids(model: Any) -> list[int]:

@@ -58,6 +58,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_code: str | None = None  # machine-readable cause of finish_reason "error"
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 
@@ -101,7 +102,9 @@ class RequestOutput:
     the last output has finished=True. finish_reason: "stop" (eos, a stop token id or a stop
     string; stop_reason says which, None for eos), "length" (max_tokens or the context length),
     "abort" (aborted by the caller), "error" (error says why, e.g. the adapter was unloaded
-    before the request started).
+    before the request started, and error_code names the cause: "adapter_unavailable" when its
+    adapter could not be acquired, "non_finite_logits" when the model's logits for it were NaN
+    or infinite). An error is the request's own: the other rows of its steps go on.
     """
 
     request_id: str
@@ -115,6 +118,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int  # all output tokens so far, not just this delta
     error: str | None = None
+    error_code: str | None = None
 
     @property
     def usage(self) -> dict[str, int]:

@@ -107,7 +107,8 @@ class SamplerOutput:
     """One step's draws; every list has one entry per row of the logits, in row order.
 
     finish_reasons: "stop" when the token is a stop token (eos unless ignore_eos, or one of
-    stop_token_ids), "length" when it is the max_tokens-th output, else None. Stop strings and
+    stop_token_ids), "length" when it is the max_tokens-th output, "error" (token -1, nothing
+    appended to the state) when the row's logits hold NaN or +inf, else None. Stop strings and
     the model's context length are the engine's to check.
     """
 
@@ -237,9 +238,17 @@ class Sampler:
             idx = torch.tensor(drawn, device=x.device)
             tokens[idx] = self._draw(x[idx], [states[i] for i in drawn])
         logprobs, top = _logprobs(logits, tokens, states)
+        # A row whose max is not finite holds a NaN or +inf (or is all -inf): nothing drawn from
+        # it means anything. It gets token -1 and finish reason "error" (the engine fails that
+        # request alone); folding the check into the ids keeps one device-to-host copy a step.
+        tokens = torch.where(torch.isfinite(logits.amax(dim=-1)), tokens, -1)
         token_ids: list[int] = tokens.tolist()
         finish: list[str | None] = []
-        for state, token in zip(states, token_ids):
+        for i, (state, token) in enumerate(zip(states, token_ids)):
+            if token < 0:
+                finish.append("error")
+                logprobs[i], top[i] = None, None
+                continue
             state.append(token)
             finish.append(self._finish_reason(state, token))
         return SamplerOutput(token_ids, tokens, logprobs, top, finish)

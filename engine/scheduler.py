@@ -183,7 +183,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SeqStatus.FINISHED
             seq.finish_reason = "error"
-            seq.error = f"adapter {seq.adapter.name!r} is no longer available: {exc}"
+            seq.error, seq.error_code = _unavailable(seq.adapter.name, exc), "adapter_unavailable"
             out.failed.append(seq)
             return False
         if slot is None:
@@ -230,3 +230,14 @@ def _insert_by_age(queue: list[Sequence], seq: Sequence) -> None:
     while i > 0 and queue[i - 1].arrival > seq.arrival:
         i -= 1
     queue.insert(i, seq)
+
+
+def _unavailable(name: str, exc: Exception) -> str:
+    """What a client is told when its adapter cannot be acquired: the rule that failed
+    (AdapterRefused's `rule`), never the refusal's detail, which names server paths and
+    digests (the registry logs that)."""
+    if isinstance(exc, AdapterNotFound):
+        return f"The adapter `{name}` was unloaded before this request started."
+    rule = getattr(exc, "rule", None) or str(exc).split(":", 1)[0]  # messages start with it
+    cause = f" ({rule})" if rule else ""
+    return f"The adapter `{name}` cannot be served{cause}; the server's log has the details."

@@ -97,6 +97,17 @@ def get_state(request: Request) -> AppState:
     return request.app.state.loramux  # type: ignore[no-any-return]
 
 
+def adapter_unavailable(name: str, exc: AdapterError) -> APIError:
+    """The 400 for an adapter that exists but cannot be served, the same whether the refusal
+    came when the name was resolved or when its weights were paged in: it names the rule that
+    failed, never the refusal's detail (server paths, digests: the log has those), and has no
+    Retry-After, since retrying changes nothing until an administrator acts."""
+    rule = getattr(exc, "rule", None) or str(exc).split(":", 1)[0]  # messages start with it
+    cause = f" ({rule})" if rule else ""
+    return APIError(400, f"The adapter `{name}` cannot be served{cause}; the server's log has "
+                    "the details.", code="adapter_unavailable", param="model")
+
+
 async def authenticate(request: Request) -> Tenant:
     """The tenant of the request's `Authorization: Bearer` key (401 without a valid one)."""
     state = get_state(request)
@@ -377,8 +388,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
             raise model_not_found(model) from None
         except AdapterError as exc:
             log.warning("adapter %s cannot be served: %s", model, exc)
-            raise bad_request(f"The adapter `{model}` cannot be loaded: {exc}", "model") \
-                from None
+            raise adapter_unavailable(model, exc) from None
 
     def check_length(prompt_len: int, requested: int | None, param: str) -> int:
         limit = engine.model.max_model_len
@@ -464,6 +474,10 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, GenerationFailed):
+            if exc.code == "adapter_unavailable":  # the message names the rule, not the files
+                return APIError(400, str(exc), code="adapter_unavailable", param="model")
+            if exc.code == "non_finite_logits":  # retrying computes the same numbers
+                return APIError(500, str(exc), code="non_finite_logits")
             return APIError(503, str(exc), retry_after=1.0)
         if isinstance(exc, AdapterNotFound):
             return model_not_found(str(exc).strip("'\""))

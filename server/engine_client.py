@@ -20,7 +20,12 @@ from loramux.server.metrics import RuntimeStats
 
 class GenerationFailed(RuntimeError):
     """The engine ended a request with an error (e.g. its adapter was unloaded before it
-    started); the message is meant for the client."""
+    started); the message is meant for the client, `code` is the engine's error_code
+    ("adapter_unavailable", "non_finite_logits", or None for anything else)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)

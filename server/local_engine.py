@@ -202,7 +202,7 @@ class LocalEngineClient:
                         # (the soak found it answered 503 "overloaded"): the request gets what
                         # one arriving now would, the unknown-model 404.
                         raise AdapterNotFound(adapter.name)
-                    raise GenerationFailed(out.error or "the request failed")
+                    raise GenerationFailed(out.error or "the request failed", out.error_code)
                 logprobs = None
                 if out.logprobs is not None:
                     logprobs = tuple(self._logprobs(out))

@@ -70,7 +70,7 @@ class FakeEngine:
 
     async def resolve_adapter(self, name: str) -> Any:
         if name in self.broken:
-            raise AdapterError(f"corrupt weights: {name}")
+            raise AdapterError(f"corrupt weights: /srv/adapters/{name}/adapter_model.safetensors")
         if name not in self.adapters and name not in self.lazy:
             raise AdapterNotFound(name)
         return name

@@ -426,7 +426,8 @@ def test_adapter_that_fails_validation_is_400() -> None:
     with make_client(FakeEngine(broken={"acme-bad"})) as client:
         err = assert_error(client.post("/v1/completions", headers=auth("acme"),
                                        json={"model": "acme-bad", "prompt": "x"}), 400)
-        assert "corrupt weights" in err["message"]
+        assert "corrupt weights" in err["message"] and err["code"] == "adapter_unavailable"
+        assert err["param"] == "model" and "/" not in err["message"]  # no server paths
 
 
 def test_rate_limit_is_429_with_retry_after(client: TestClient) -> None:
