@@ -10,7 +10,12 @@ The rules, each with its own `Rule` name in the error:
   unless allowed, well-formed config and weights, unsupported PEFT features refused by name,
   every tensor mapped to a (layer, module) of the base and targeted by the config, both A and B
   present, rank consistent with `r` / `rank_pattern` and within the limit, shapes as the base,
-  float dtype, finite values (also after conversion to the serving dtype), size limit.
+  float dtype, finite values (also after conversion to the serving dtype), a scale and weights
+  whose delta stays in range, size limit.
+
+Nothing in an adapter can hold the process: the config's size, nesting depth, field types and
+numbers are checked before use, and its regexes are matched under one time budget per
+validation (`PatternMatcher`); every failure is an `AdapterRefused`, never another exception.
 
 PEFT's matching rules are reproduced from peft 0.21 (`peft.utils.other.get_pattern_key` for
 rank/alpha patterns, `peft.tuners.tuners_utils.check_target_module_exists` for
@@ -25,11 +30,15 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping
+import reprlib
+import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from loramux.adapters.types import MODULE_PARENTS, MODULES, AdapterError, BaseSpec
@@ -38,6 +47,13 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT config is a few KB; anything larger is not one
+MAX_CONFIG_DEPTH = 32  # PEFT writes at most 3 levels; json.loads itself fails near 1,000
+MAX_CONFIG_RANK = 1 << 20  # r / rank_pattern values; the operator's rank limit applies later
+PATTERN_SECONDS = 0.5  # compiling and matching all of one adapter's regexes
+MAX_PATTERN_CHARS = 4096  # one regex; real ones are under 200 characters
+MAX_REPEAT_PRODUCT = 10_000  # product of all {m,n} counts in one regex (regex expands them)
+MAX_LORA_SCALE = 1e4  # |lora_alpha / r|; real adapters use 0.25 to 64
+MAX_DELTA_GAIN = 1e8  # |scale| * r * in * max|A| * max|B|; real adapters stay under ~1e5
 
 # Used with fullmatch only: `$` with re.match also accepts a trailing newline ("acme-x\n").
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -67,6 +83,7 @@ class Rule:
     SHAPE = "shape mismatch"
     DTYPE = "unsupported dtype"
     NONFINITE = "non-finite values"
+    RANGE = "LoRA delta out of range"  # a scale or weights that could overflow the output
     DIGEST = "weights changed on disk"
     PIN = "pin limit"  # registry: pinning would leave no slot for unpinned adapters
 
@@ -86,6 +103,7 @@ class ValidationLimits:
     max_lora_rank: int = 64
     max_adapter_bytes: int = 2 << 30
     allow_pickle: bool = False
+    pattern_seconds: float = PATTERN_SECONDS  # budget for all of one adapter's regexes
 
 
 @dataclass(frozen=True)
@@ -156,26 +174,149 @@ def confine(path: Path, root: Path) -> Path:
     return real
 
 
+# ----------------------------------------------------------------------------- bounded patterns
+
+_SHOW = reprlib.Repr()  # a config value in a message: short, and safe for any nesting
+_SHOW.maxlevel, _SHOW.maxdict, _SHOW.maxlist = 2, 4, 4
+_SHOW.maxstring = _SHOW.maxother = 80
+
+
+def _show(value: Any) -> str:
+    return _SHOW.repr(value)
+
+
+# How PEFT embeds a user's pattern (peft 0.21, verbatim) and which call it makes on a key.
+_WHOLE = ("{}", "fullmatch")  # target_modules / exclude_modules given as one string
+_SUFFIX = (r"(.*\.)?({})$", "match")  # rank_pattern / alpha_pattern keys
+_LAYERS = (r"(?:^|.*?\.){}\.(?P<idx>\d+)\.", "match")  # layers_pattern
+_Form = tuple[str, str]
+
+# No quantifier, group, alternation or backreference: every atom matches one character or is
+# zero-width, so re cannot backtrack more than key length times pattern length.
+_BACKTRACK_FREE = re.compile(r"(?:[^\\*+?{}|()]|\\[^0-9])*")
+# Syntax the regex module reads differently from re even in VERSION0: fuzzy constraints
+# ("x{e<=1}", a literal to re) and POSIX classes ("[[:alpha:]]", a plain set to re).
+_DIVERGENT = re.compile(r"\{[^}]*[eids]|\[:\^?\w*:\]", re.IGNORECASE)
+_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def _repeat_product(fragment: str) -> int:
+    product = 1
+    for low, high in _REPEAT.findall(fragment):
+        counts = [int(d) if len(d) <= 6 else MAX_REPEAT_PRODUCT + 1 for d in (low, high) if d]
+        product *= max([1, *counts])
+    return product
+
+
+class PatternMatcher:
+    r"""Matches an adapter's own regexes with PEFT's semantics, under one time budget.
+
+    PEFT matches target_modules, exclude_modules, layers_pattern and the rank_pattern /
+    alpha_pattern keys with `re`, which backtracks without bound and holds the interpreter
+    lock while it does: one `(\w|.)*o` freezes every thread. So each pattern is compiled once
+    (syntax checked by `re` itself, as PEFT would) and then matched by one of two engines:
+
+    - `re`, when the pattern cannot backtrack (no quantifier, group, alternation or
+      backreference: a plain name such as `self_attn.q_proj`): exactly PEFT's semantics, and the
+      fast path for configs that list hundreds of module names;
+    - otherwise the `regex` module (VERSION0, its re-compatible mode) with `timeout=` the time
+      left and `concurrent=True`, so it releases the lock and gives up when the budget is spent.
+      The two syntaxes regex reads differently from re (fuzzy `{e<=1}`, POSIX `[:alpha:]`) are
+      refused rather than guessed at; tests compare the two engines on generated patterns.
+
+    A restricted pattern language would refuse real configs (PEFT users write alternations and
+    lookaheads) and a non-backtracking engine (RE2) would change what backreferences and
+    lookarounds mean, so neither keeps PEFT's semantics. Invariants: compiling and matching
+    together never take much longer than `seconds` (a pattern's compile is bounded by
+    MAX_PATTERN_CHARS and MAX_REPEAT_PRODUCT, and runs only while time is left); every failure,
+    the timeout included, is AdapterRefused(CONFIG) naming the field and the pattern.
+    One matcher serves one validation; it holds that validation's compiled patterns.
+    """
+
+    def __init__(self, seconds: float = PATTERN_SECONDS) -> None:
+        self.seconds = seconds
+        self._deadline = time.monotonic() + seconds
+        # (form, fragment) -> (the compiled pattern's bound match call, whether it is re's)
+        self._compiled: dict[tuple[_Form, str], tuple[Callable[..., Any], bool]] = {}
+
+    def compile(self, field: str, fragment: str, form: _Form) -> None:
+        """Check `fragment` as PEFT will use it (embedded in `form`); refuses what cannot run."""
+        if (form, fragment) in self._compiled:
+            return
+        where = f"{field} pattern {_show(fragment)}"
+        if len(fragment) > MAX_PATTERN_CHARS:
+            raise AdapterRefused(Rule.CONFIG, f"{where} is {len(fragment)} characters, the "
+                                 f"limit is {MAX_PATTERN_CHARS}")
+        if _repeat_product(fragment) > MAX_REPEAT_PRODUCT:
+            raise AdapterRefused(Rule.CONFIG, f"{where}: repeat counts multiply to over "
+                                 f"{MAX_REPEAT_PRODUCT}")
+        pattern = form[0].format(fragment)
+        self._check_time(field, fragment)
+        try:
+            compiled: Any = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise AdapterRefused(Rule.CONFIG, f"{where}: {type(exc).__name__}: {exc}") from None
+        backtrack_free = _BACKTRACK_FREE.fullmatch(fragment) is not None
+        if not backtrack_free:
+            if _DIVERGENT.search(fragment):
+                raise AdapterRefused(Rule.CONFIG, f"{where}: fuzzy {{e<=n}} or POSIX [:class:] "
+                                     "syntax is not supported")
+            self._check_time(field, fragment)
+            try:
+                compiled = regex.compile(pattern, regex.VERSION0)
+            except (regex.error, OverflowError, RecursionError, ValueError) as exc:
+                raise AdapterRefused(Rule.CONFIG, f"{where}: {type(exc).__name__}: {exc}") from None
+        self._compiled[(form, fragment)] = (getattr(compiled, form[1]), backtrack_free)
+
+    def match(self, field: str, fragment: str, form: _Form, key: str) -> Any:
+        """PEFT's `re.<call>(form with fragment, key)`: a match object or None."""
+        if (form, fragment) not in self._compiled:
+            self.compile(field, fragment, form)
+        call, backtrack_free = self._compiled[(form, fragment)]
+        left = self._check_time(field, fragment)
+        if backtrack_free:
+            return call(key)
+        try:
+            return call(key, concurrent=True, timeout=left)
+        except TimeoutError:
+            raise self._over(field, fragment) from None
+
+    def _check_time(self, field: str, fragment: str) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._over(field, fragment)
+        return left
+
+    def _over(self, field: str, fragment: str) -> AdapterRefused:
+        return AdapterRefused(Rule.CONFIG, f"{field} pattern {_show(fragment)}: the adapter's "
+                              f"patterns did not finish within the {self.seconds:g} s budget")
+
+
 # ----------------------------------------------------------------------------- PEFT's matching
 
 
-def get_pattern_key(pattern_keys: list[str], key: str) -> str:
+def get_pattern_key(pattern_keys: list[str], key: str, matcher: PatternMatcher | None = None,
+                    *, field: str = "rank_pattern") -> str:
     """PEFT's rule for rank_pattern / alpha_pattern: the first pattern that matches a
     dot-separated suffix of `key` as a regex (`re.match(rf"(.*\\.)?({p})$", key)`), else key."""
+    matcher = matcher or PatternMatcher()
     for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if matcher.match(field, pattern, _SUFFIX, key):
             return pattern
     return key
 
 
-def config_targets(config: Mapping[str, Any], key: str) -> bool:
+def config_targets(config: Mapping[str, Any], key: str,
+                   matcher: PatternMatcher | None = None) -> bool:
     """Whether PEFT's target_modules / exclude_modules / layers_to_transform select `key`.
 
     Reproduces `check_target_module_exists`; `key` is `model.layers.{i}.{parent}.{module}`.
+    `config` holds values `_check_config` accepted; its regexes run through `matcher`.
     """
+    matcher = matcher or PatternMatcher()
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str):
-        if re.fullmatch(exclude, key):
+        if exclude and matcher.match("exclude_modules", exclude, _WHOLE, key):
             return False
     elif exclude and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
         return False
@@ -185,7 +326,7 @@ def config_targets(config: Mapping[str, Any], key: str) -> bool:
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
             return True  # every projection is linear; lm_head is refused separately
-        return re.fullmatch(targets, key) is not None
+        return matcher.match("target_modules", targets, _WHOLE, key) is not None
     if key in targets:
         return True
     if not any(key.endswith(f".{t}") for t in targets):
@@ -194,12 +335,12 @@ def config_targets(config: Mapping[str, Any], key: str) -> bool:
     if indexes is None or (isinstance(indexes, list) and not indexes):
         return True
     patterns = config.get("layers_pattern")
-    match: re.Match[str] | None = None
+    match: Any = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = matcher.match("layers_pattern", pattern, _LAYERS, key)
             if match is not None:
                 break
     if match is None:
@@ -249,56 +390,129 @@ _FEATURES: tuple[tuple[str, str, Any], ...] = (
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
 
 
-def _check_config(raw: bytes) -> dict[str, Any]:
+def _parse_config(raw: bytes) -> dict[str, Any]:
+    """The JSON object in `raw`, no deeper than MAX_CONFIG_DEPTH, every string valid Unicode."""
     try:
         config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ints over 4,300 digits
         raise AdapterRefused(Rule.CONFIG, f"not JSON: {exc}") from None
+    except RecursionError:
+        raise AdapterRefused(Rule.CONFIG, "not JSON: nested too deeply") from None
     if not isinstance(config, dict):
         raise AdapterRefused(Rule.CONFIG, "not a JSON object")
-    peft_type = config.get("peft_type")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterRefused(Rule.PEFT_TYPE, f"{peft_type!r} (only LORA is served)")
-    for field_name, feature, in_use in _FEATURES:
-        value = config.get(field_name)
-        if value is not None and in_use(value):
-            raise AdapterRefused(Rule.FEATURE, f"{feature} = {value!r}")
-    targets = config.get("target_modules")
-    names = [targets] if isinstance(targets, str) else list(targets or [])
-    for name in names:
-        if isinstance(name, str) and name.split(".")[-1] == "lm_head":
-            raise AdapterRefused(Rule.FEATURE, "lm_head LoRA (target_modules has lm_head)")
-        if isinstance(name, str) and name.split(".")[-1] in _EMBEDDING_NAMES:
-            raise AdapterRefused(Rule.FEATURE, f"embedding LoRA (target_modules has {name})")
-    r = config.get("r", 8)  # PEFT's defaults for fields an old config may lack
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterRefused(Rule.CONFIG, f"r must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterRefused(Rule.CONFIG, f"lora_alpha must be a number, got {alpha!r}")
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(field_name) or {}
-        if not isinstance(pattern, dict):
-            raise AdapterRefused(Rule.CONFIG, f"{field_name} must be an object")
-        for key, value in pattern.items():
+    stack: list[tuple[Any, int]] = [(config, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_CONFIG_DEPTH:
+                raise AdapterRefused(Rule.CONFIG, f"nested over {MAX_CONFIG_DEPTH} levels")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str) and not value.isascii():
             try:
-                re.compile(key)
-            except re.error as exc:
-                raise AdapterRefused(Rule.CONFIG, f"{field_name} key {key!r}: {exc}") from None
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if field_name == "rank_pattern":
-                ok = ok and isinstance(value, int) and value >= 1
-            if not ok or not math.isfinite(value):
-                raise AdapterRefused(Rule.CONFIG, f"{field_name}[{key!r}] = {value!r}")
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800"): unprintable, unloggable
+                raise AdapterRefused(Rule.CONFIG, f"string {_show(value)} is not valid "
+                                     "Unicode") from None
     return config
 
 
-def module_rank_alpha(config: Mapping[str, Any], key: str) -> tuple[int, float]:
+def _number(field: str, value: Any, *, rank: bool) -> None:
+    """Refuse all but a rank (an int in [1, MAX_CONFIG_RANK]) or a number that is a finite
+    float (an int up to 1.8e308 converts to one); never a bool."""
+    ok = isinstance(value, int if rank else (int, float)) and not isinstance(value, bool)
+    low, high = (1, MAX_CONFIG_RANK) if rank else (-sys.float_info.max, sys.float_info.max)
+    if not ok or not low <= value <= high:  # exact for huge ints; False for NaN
+        what = f"an integer in [1, {MAX_CONFIG_RANK}]" if rank else "a finite number"
+        raise AdapterRefused(Rule.CONFIG, f"{field} must be {what}, got {_show(value)}")
+
+
+def _names(field: str, value: Any) -> None:
+    """PEFT's `Optional[Union[list[str], str]]`."""
+    if value is not None and not isinstance(value, str) and not (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        raise AdapterRefused(Rule.CONFIG, f"{field} must be a string or a list of strings, "
+                             f"got {_show(value)}")
+
+
+def _check_config(raw: bytes, matcher: PatternMatcher) -> dict[str, Any]:
+    """The parsed config, with every field loramux reads type-checked and every regex compiled,
+    so that `config_targets`, `module_rank_alpha` and `scaling` only see values that work."""
+    config = _parse_config(raw)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise AdapterRefused(Rule.PEFT_TYPE, f"{_show(peft_type)} (only LORA is served)")
+    for field_name, feature, in_use in _FEATURES:
+        value = config.get(field_name)
+        if value is not None and in_use(value):
+            raise AdapterRefused(Rule.FEATURE, f"{feature} = {_show(value)}")
+    for field_name in ("target_modules", "exclude_modules", "layers_pattern"):
+        _names(field_name, config.get(field_name))
+    targets = config.get("target_modules")
+    for name in [targets] if isinstance(targets, str) else targets or []:
+        if name.split(".")[-1] == "lm_head":
+            raise AdapterRefused(Rule.FEATURE, "lm_head LoRA (target_modules has lm_head)")
+        if name.split(".")[-1] in _EMBEDDING_NAMES:
+            raise AdapterRefused(Rule.FEATURE, f"embedding LoRA (target_modules has {name})")
+    _check_layers(config)
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        matcher.compile("target_modules", targets, _WHOLE)
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and exclude:
+        matcher.compile("exclude_modules", exclude, _WHOLE)
+    layers_pattern = config.get("layers_pattern")
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
+        matcher.compile("layers_pattern", pattern, _LAYERS)
+    # PEFT's defaults for fields an old config may lack
+    _number("r", config.get("r", 8), rank=True)
+    _number("lora_alpha", config.get("lora_alpha", 8), rank=False)
+    use_rslora = config.get("use_rslora")
+    if use_rslora is not None and not isinstance(use_rslora, bool):
+        raise AdapterRefused(Rule.CONFIG, f"use_rslora must be true or false, got "
+                             f"{_show(use_rslora)}")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterRefused(Rule.CONFIG, f"{field_name} must be an object, got "
+                                 f"{_show(patterns)}")
+        for key, value in patterns.items():
+            matcher.compile(field_name, key, _SUFFIX)
+            _number(f"{field_name}[{_show(key)}]", value, rank=field_name == "rank_pattern")
+    return config
+
+
+def _check_layers(config: Mapping[str, Any]) -> None:
+    """layers_to_transform is an int or a list of ints, used with a list of target names only:
+    the combinations PEFT's LoraConfig itself raises on are refused here."""
+    indexes = config.get("layers_to_transform")
+    if indexes is not None and not (
+        isinstance(indexes, int) and not isinstance(indexes, bool)
+        or isinstance(indexes, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in indexes)
+    ):
+        raise AdapterRefused(Rule.CONFIG, f"layers_to_transform must be an integer or a list of "
+                             f"integers, got {_show(indexes)}")
+    regex_targets = isinstance(config.get("target_modules"), str)
+    if regex_targets and (indexes is not None or config.get("layers_pattern") is not None):
+        raise AdapterRefused(Rule.CONFIG, "layers_to_transform and layers_pattern need "
+                             "target_modules as a list (PEFT refuses this config)")
+    if config.get("layers_pattern") and indexes is None:
+        raise AdapterRefused(Rule.CONFIG, "layers_pattern needs layers_to_transform (PEFT "
+                             "refuses this config)")
+
+
+def module_rank_alpha(config: Mapping[str, Any], key: str,
+                      matcher: PatternMatcher | None = None) -> tuple[int, float]:
     """(r, alpha) PEFT uses for module `key`, after rank_pattern / alpha_pattern."""
+    matcher = matcher or PatternMatcher()
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
-    r = rank_pattern.get(get_pattern_key(list(rank_pattern), key), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), key), config.get("lora_alpha", 8))
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), key, matcher), config.get("r", 8))
+    alpha_key = get_pattern_key(list(alpha_pattern), key, matcher, field="alpha_pattern")
+    alpha = alpha_pattern.get(alpha_key, config.get("lora_alpha", 8))
     return int(r), float(alpha)
 
 
@@ -369,24 +583,54 @@ def _check_tensor(key: str, tensor: torch.Tensor, shape: tuple[int, int]) -> Non
                              f"{list(shape)}")
 
 
-def _check_values(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    """Finite values, also once rounded to the serving dtype (fp32 1e6 is inf in fp16).
+def _check_values(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+                  ) -> tuple[float, float]:
+    """Finite values, also once rounded to the serving dtype (fp32 1e6 is inf in fp16);
+    returns (max|A|, max|B|) over all lora_A and all lora_B tensors, for `_check_delta`.
 
     One pass over all values (a few hundred small tensors: per-tensor calls cost more than
     the arithmetic); the per-tensor search runs only to name the culprit.
     """
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()])
     limit = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else math.inf
-    # aminmax propagates NaN and is one fast reduction (isfinite is ~20x slower on CPU).
-    low, high = (float(v) for v in torch.aminmax(flat))
-    if math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit:
-        return
+    largest = []
+    for role in ("lora_A", "lora_B"):  # every key matched _KEY_RE in _map_tensors
+        flat = torch.cat([t.detach().reshape(-1).float() for k, t in tensors.items()
+                          if _KEY_RE.match(k)["ab"] == role])  # type: ignore[index]
+        # aminmax propagates NaN and is one fast reduction (isfinite is ~20x slower on CPU).
+        low, high = (float(v) for v in torch.aminmax(flat))
+        largest.append(max(-low, high))
+    if all(math.isfinite(v) and v <= limit for v in largest):
+        return largest[0], largest[1]
     for key, tensor in tensors.items():
         low, high = (float(v) for v in torch.aminmax(tensor.detach().reshape(-1).float()))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise AdapterRefused(Rule.NONFINITE, f"{key} has NaN or Inf")
         if max(-low, high) > limit:
             raise AdapterRefused(Rule.NONFINITE, f"{key} overflows {dtype}")
+    raise AssertionError("unreachable: some tensor is out of range")
+
+
+def _check_delta(modules: list[ModuleLora], a_max: float, b_max: float) -> None:
+    """Refuse weights whose delta could leave any float range.
+
+    |delta(x)_j| = |scale * sum_k B[j,k] * sum_i A[k,i] * x_i|
+                <= |scale| * r * in * max|A| * max|B| * max|x|     (the gain times max|x|)
+    A gain over MAX_DELTA_GAIN is refused: with it the delta stays finite in bf16 and fp32 for
+    any activation below 3e30. Real adapters are far below (B starts at zero and trains to
+    ~0.01-0.1, A starts at 1/sqrt(in): a rank-16, scale-2 adapter on a 4096-wide layer is
+    ~1e3). fp16's range is too narrow for a worst-case bound to prove; NaN logits are caught
+    when sampling. One bound from the global maxima first; per module only when it fails.
+    """
+    worst = max(abs(m.scale) * m.rank * m.a.shape[1] for m in modules)
+    if worst * a_max * b_max <= MAX_DELTA_GAIN:
+        return
+    for m in modules:
+        a, b = (float(t.detach().abs().max()) for t in (m.a, m.b))
+        gain = abs(m.scale) * m.rank * m.a.shape[1] * a * b
+        if not gain <= MAX_DELTA_GAIN:
+            raise AdapterRefused(Rule.RANGE, f"{module_key(m.layer, m.module)}: |scale| * r * "
+                                 f"in * max|A| * max|B| = {gain:.3g}, the limit is "
+                                 f"{MAX_DELTA_GAIN:g} (max|A| {a:.3g}, max|B| {b:.3g})")
 
 
 def _load_weights(data: bytes, pickled: bool, name: str) -> dict[str, torch.Tensor]:
@@ -464,7 +708,8 @@ def read_adapter(
     if expected_config_digest is not None and config_digest != expected_config_digest:
         raise AdapterRefused(Rule.DIGEST, f"{config_path} has sha256 {config_digest}, "
                              f"expected {expected_config_digest}")
-    config = _check_config(config_raw)
+    matcher = PatternMatcher(limits.pattern_seconds)  # one budget for all of its regexes
+    config = _check_config(config_raw, matcher)
     data = _read_limited(weights_path, limits.max_adapter_bytes, weights_name)
     digest = hashlib.sha256(data).hexdigest()
     if expected_digest is not None and digest != expected_digest:
@@ -483,11 +728,11 @@ def read_adapter(
         missing = {"lora_A", "lora_B"} - pair.keys()
         if missing:
             raise AdapterRefused(Rule.INCOMPLETE, f"{key} has no {', '.join(sorted(missing))}")
-        if not config_targets(config, key):
+        if not config_targets(config, key, matcher):
             raise AdapterRefused(Rule.UNTARGETED, f"{key} is not selected by target_modules "
-                                 f"{config.get('target_modules')!r}; PEFT would ignore it")
+                                 f"{_show(config.get('target_modules'))}; PEFT would ignore it")
         (a_key, a), (b_key, b) = pair["lora_A"], pair["lora_B"]
-        r, alpha = module_rank_alpha(config, key)
+        r, alpha = module_rank_alpha(config, key, matcher)
         if r > limits.max_lora_rank:
             raise AdapterRefused(Rule.RANK_LIMIT, f"{key} has rank {r}, the limit is "
                                  f"{limits.max_lora_rank}")
@@ -499,9 +744,14 @@ def read_adapter(
         in_features, out_features = base.shapes[module]
         _check_tensor(a_key, a, (r, in_features))
         _check_tensor(b_key, b, (out_features, r))
+        scale = scaling(config, r, alpha)
+        if not abs(scale) <= MAX_LORA_SCALE:
+            raise AdapterRefused(Rule.RANGE, f"{key}: scale lora_alpha / "
+                                 f"{'sqrt(r)' if config.get('use_rslora') else 'r'} = "
+                                 f"{scale:.3g}, the limit is {MAX_LORA_SCALE:g}")
         modules.append(ModuleLora(layer=layer, module=module, rank=r, alpha=alpha,
-                                  scale=scaling(config, r, alpha), a=a, b=b))
-    _check_values(tensors, dtype)
+                                  scale=scale, a=a, b=b))
+    _check_delta(modules, *_check_values(tensors, dtype))
     return PeftAdapter(
         path=directory,
         weights_file=weights_path,
