@@ -17,6 +17,9 @@ class RegistryConfig:
     adapters: tuple[tuple[str, Path], ...] = ()  # --adapter NAME=PATH, loaded at start
     adapter_root: Path | None = None  # lazy resolution of unknown names, uploads
     desired_set: Path | None = None  # declarative list reconciled at start
+    # --adapter-state: runtime loads, reloads, pins and unloads are written here (atomically)
+    # and applied at start after the start-up set; None: they are lost on restart.
+    state_file: Path | None = None
     max_gpu_adapters: int = 16
     max_cpu_adapters: int = 64
     max_lora_rank: int = 64

@@ -12,8 +12,18 @@
     weights and config again under a name is a no-op that returns the current version.
   - A slot returned by `acquire` is never evicted or reused until its `release`; pinned
     adapters are never evicted. Page-ins run on two background threads (disk -> host,
-    host -> device); no engine-facing call waits for I/O or a copy, except `resolve` of a lazy
-    name, which loads it (call `resolve` off the step loop).
+    host -> device); no engine-facing call waits for I/O or a copy, except `resolve`, which
+    loads a lazy name and stats the files of a version that failed (call it off the step loop).
+  - A failure is remembered with the files it read (names, sizes, mtimes, ctimes, inodes), so
+    nothing is re-read per request while they stay the same: a lazy folder that failed
+    validation, and a version whose re-read from disk failed. `resolve` retries as soon as the
+    files differ (a restored file serves again without a reload); a reload of the same content
+    clears the failure too. Refusals a tenant can see name files by their name in the folder,
+    never a server path or a digest (the log has both).
+  - With `state_file`, every runtime load, reload, pin, unpin and unload (after `start`) is
+    written to it atomically, and `start` applies it after the configured start-up set, so a
+    restart, even after SIGKILL, serves what was served before. Lazy loads are not recorded:
+    their folders load again on demand.
 
 Fairness (the rule the scheduler can rely on). Every adapter version that a request wants
 (`prefetch` or an `acquire` that returned None) but that is not resident is a *waiter*, aged
@@ -38,11 +48,14 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import json
 import logging
+import os
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,6 +91,9 @@ log = logging.getLogger(__name__)
 _TICK_S = 0.05  # how often idle workers re-check ageing and want expiry
 _SAMPLES = 1024  # latency samples kept per series
 _T = TypeVar("_T")
+_STATE_FORMAT = 1
+_DIGESTS = re.compile(r" has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\",:/]+/)*([^\s'\",:/]+)")
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,8 @@ class LoadResult:
     file_bytes: int
     load_seconds: float
     replaced: AdapterRef | None = None  # the version it superseded (now draining)
-    unchanged: bool = False  # same weights and config as the current version: nothing done
+    unchanged: bool = False  # same weights and config as the current version: no new version
+    recovered: bool = False  # unchanged, and the files read back fine: a remembered failure cleared
 
     @property
     def name(self) -> str:
@@ -141,6 +158,7 @@ class RegistryStats:
     disk_read_failures: int = 0
     page_ins: int = 0  # host -> device
     page_in_failures: int = 0
+    state_write_failures: int = 0  # runtime changes that could not be written to state_file
     device_evictions: int = 0  # LRU evictions (frees of drained versions are not counted)
     host_evictions: int = 0
     load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
@@ -160,6 +178,7 @@ class _Version:
     pinned: bool = False
     retired: bool = False
     error: AdapterError | None = None  # set when it can no longer be paged in
+    error_files: tuple[Any, ...] | None = None  # _signature of the folder whose read failed
     last_use: float | None = None
 
 
@@ -227,6 +246,11 @@ class AdapterRegistry:
         self._reading: set[AdapterRef] = set()
         self._closed: set[AdapterRef] = set()  # fairness: no new references for now
         self._lazy_failures: dict[str, tuple[tuple[Any, ...], AdapterError]] = {}
+        # Runtime changes by name (None: unloaded) as written to config.state_file.
+        self._state_lock = threading.Lock()
+        self._overrides: dict[str, dict[str, Any] | None] = {}
+        self._startup_names: set[str] = set()
+        self._recording = False  # from the end of start(): changes are runtime changes
         self._closing = False
         self._threads = [
             threading.Thread(target=self._disk_loop, name="loramux-adapter-disk", daemon=True),
@@ -239,8 +263,10 @@ class AdapterRegistry:
     # ================================================================== start-up and shutdown
 
     def start(self) -> list[str]:
-        """Load `--adapter` entries (raising on the first failure), reconcile the desired set
-        and pin `config.pinned`; returns the errors of desired-set and pin entries."""
+        """Load `--adapter` entries (raising on the first failure), reconcile the desired set,
+        pin `config.pinned`, then apply the runtime changes kept in `config.state_file`;
+        returns the errors of desired-set, pin and state entries. Changes made from now on
+        are written to the state file."""
         for name, path in self.config.adapters:
             self.load(name, path, trusted=True)
         errors: list[str] = []
@@ -251,6 +277,15 @@ class AdapterRegistry:
                 self.pin(name)
             except (AdapterError, AdapterNotFound) as exc:
                 errors.append(f"pin {name}: {exc}")
+        self._startup_names = set(self.names())
+        if self.config.state_file is not None:
+            errors += self._restore_state(self.config.state_file)
+        else:
+            log.warning("runtime adapter changes (admin loads, reloads, uploads, pins, "
+                        "unloads) are not persisted: a restart serves the --adapter, "
+                        "--adapter-desired-set and --pin-adapter set again; start with "
+                        "--adapter-state FILE to keep them")
+        self._recording = True
         for error in errors:
             log.error("adapter start-up: %s", error)
         return errors
@@ -298,17 +333,101 @@ class AdapterRegistry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ================================================================== runtime state file
+
+    def _restore_state(self, state: Path) -> list[str]:
+        """Apply the runtime changes kept in `state` (start-up, after the configured set)."""
+        entries: dict[str, Any] = {}
+        try:
+            document = json.loads(state.read_text())
+            entries = document["adapters"]
+            if document.get("format") != _STATE_FORMAT or not isinstance(entries, dict):
+                raise ValueError(f"not a format-{_STATE_FORMAT} adapter state")
+        except FileNotFoundError:
+            pass  # a first start: written below
+        except OSError as exc:
+            return [f"adapter state {state}: {exc}"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = state.with_name(f"{state.name}.unreadable")
+            try:
+                state.replace(aside)
+            except OSError:
+                aside = state
+            return [f"adapter state {state}: unreadable ({exc}); kept as {aside}, runtime "
+                    "changes start afresh"]
+        errors: list[str] = []
+        for name, entry in entries.items():
+            try:
+                if entry is None:
+                    if name in self.names():
+                        self.unload(name)
+                    continue
+                result = self.load(name, entry["path"], trusted=not entry["confined"])
+                if result.digest != entry["digest"]:
+                    log.warning("adapter state: the weights of %s under %s changed while the "
+                                "server was down; serving them as they are now", name,
+                                entry["path"])
+                (self.pin if entry["pinned"] else self.unpin)(name)
+            except (AdapterError, AdapterNotFound, KeyError, TypeError) as exc:
+                errors.append(f"adapter state entry {name!r}: {type(exc).__name__}: {exc}")
+        with self._state_lock:
+            self._overrides = dict(entries)
+            if not self._write_state():  # now, so that an unwritable file shows at start
+                errors.append(f"adapter state {state} cannot be written: runtime changes "
+                              "will not survive a restart")
+        log.info("runtime adapter changes are persisted to %s: %d restored", state,
+                 len(entries) - len(errors))
+        return errors
+
+    def _record(self, name: str) -> None:
+        """Write `name`'s state now to the state file, if this change is a runtime one."""
+        state = self.config.state_file
+        if state is None or not self._recording:
+            return
+        with self._state_lock:
+            with self._lock:
+                ref = self._names.get(name)
+                if ref is not None:
+                    version = self._versions[ref]
+                    self._overrides[name] = {
+                        "path": str(version.result.path), "pinned": version.pinned,
+                        "confined": version.root is not None, "digest": ref.digest}
+                elif name in self._startup_names:
+                    self._overrides[name] = None  # the start-up set would load it again
+                else:
+                    self._overrides.pop(name, None)
+            if not self._write_state():
+                log.error("the change to %s will not survive a restart", name)
+
+    def _write_state(self) -> bool:
+        """Under the state lock: write the overrides to the state file; False if it failed."""
+        state = self.config.state_file
+        assert state is not None
+        document = {"format": _STATE_FORMAT, "adapters": self._overrides}
+        try:
+            _write_atomically(state, json.dumps(document, indent=1) + "\n")
+        except OSError as exc:
+            with self._lock:
+                self.stats.state_write_failures += 1
+            log.error("could not write the adapter state %s: %s", state, exc)
+            return False
+        return True
+
     # ================================================================== engine side
 
     def resolve(self, name: str) -> AdapterRef:
         """The current version of `name`. An unknown name that is a folder under adapter_root
         is loaded now (the only I/O any engine-facing call does); raises AdapterNotFound, or
-        AdapterError when that folder holds an adapter that fails validation."""
+        AdapterError when that folder holds an adapter that fails validation. A current
+        version whose re-read failed is made acquirable again if its files changed since."""
         with self._lock:
             ref = self._names.get(name)
-        if ref is not None:
-            return ref
-        return self._resolve_lazy(name)
+            version = self._versions.get(ref) if ref is not None else None
+        if ref is None:
+            return self._resolve_lazy(name)
+        if version is not None and version.error_files is not None:
+            self._retry_if_changed(version, version.error_files)
+        return ref
 
     def current(self, name: str) -> AdapterRef | None:
         """The current version of a loaded name, or None; never loads anything."""
@@ -332,8 +451,8 @@ class AdapterRegistry:
         A slot returned here is never evicted or reused until the matching `release`. Raises
         AdapterNotFound for a version that was superseded or unloaded and has drained (the
         engine moves a request that has not started to `current(name)`, or fails it if the
-        name is gone), and AdapterError for
-        a version that can no longer be paged in (its weights changed or vanished on disk).
+        name is gone), and AdapterError for a version that can no longer be paged in (its
+        files changed or vanished on disk; `resolve` retries once they change again).
         """
         with self._cond:
             version = self._versions.get(ref)
@@ -426,7 +545,9 @@ class AdapterRegistry:
         """
         check_name(name)
         with self._name_lock(name):
-            return self._load_locked(name, Path(path), pinned=pinned, trusted=trusted)
+            result = self._load_locked(name, Path(path), pinned=pinned, trusted=trusted)
+            self._record(name)
+            return result
 
     def validate(self, path: Path | str, *, trusted: bool = False) -> PeftAdapter:
         """Every check `load` makes (path, files, tensors, size against both tiers) without
@@ -458,14 +579,16 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> AdapterRef:
         """Remove `name` now; its memory is freed when its last reference is released."""
-        with self._name_lock(name), self._cond:
-            ref = self._names.pop(name, None)
-            if ref is None:
-                raise AdapterNotFound(name)
-            self._retire(self._versions[ref])
-            self._lazy_failures.pop(name, None)
-            self.stats.unloads += 1
-            self._cond.notify_all()
+        with self._name_lock(name):
+            with self._cond:
+                ref = self._names.pop(name, None)
+                if ref is None:
+                    raise AdapterNotFound(name)
+                self._retire(self._versions[ref])
+                self._lazy_failures.pop(name, None)
+                self.stats.unloads += 1
+                self._cond.notify_all()
+            self._record(name)
             return ref
 
     def pin(self, name: str) -> AdapterRef:
@@ -479,7 +602,8 @@ class AdapterRegistry:
                 self._check_pin_room(exclude=name)
                 self._set_pinned(version, True)
                 self._cond.notify_all()
-            return ref
+        self._record(name)
+        return ref
 
     def unpin(self, name: str) -> AdapterRef:
         """Make `name` evictable again (LRU)."""
@@ -488,7 +612,8 @@ class AdapterRegistry:
             if ref is None:
                 raise AdapterNotFound(name)
             self._set_pinned(self._versions[ref], False)
-            return ref
+        self._record(name)
+        return ref
 
     def list(self) -> builtins.list[AdapterInfo]:
         """Every loaded version (current first by name, then draining ones)."""
@@ -542,7 +667,7 @@ class AdapterRegistry:
                         if pinned and not old.pinned:
                             self._check_pin_room(exclude=name)
                             self._set_pinned(old, True)
-                        return dataclasses.replace(old.result, unchanged=True, replaced=None)
+                        return self._refresh(old, adapter, host, root)
                 pin = pinned or (current is not None and self._versions[current].pinned)
                 if pin:
                     self._check_pin_room(exclude=name)
@@ -560,6 +685,37 @@ class AdapterRegistry:
                  name, result.version, result.digest[:12], result.path, len(result.applied),
                  result.ranks, result.size_bytes)
         return result
+
+    def _refresh(self, version: _Version, adapter: PeftAdapter, host: HostAdapter,
+                 root: Path | None) -> LoadResult:
+        """Under the lock: a reload of the same content. The files just read back fine, so a
+        remembered failure is cleared, re-reads go to the folder given now, and the fresh host
+        buffer is kept if the version had none; the version number stays."""
+        recovered = version.error is not None
+        if recovered:
+            log.info("reload of %s with the same content: the files read back fine, the "
+                     "earlier failure is cleared (%s)", version.ref, version.error)
+        version.error = version.error_files = None
+        version.root = root
+        version.result = dataclasses.replace(version.result, path=adapter.path)
+        ref = version.ref
+        if ref not in self._host and ref not in self._reading and self._pool.get(ref) is None:
+            self._put_host(ref, host)
+        self._cond.notify_all()
+        return dataclasses.replace(version.result, unchanged=True, replaced=None,
+                                   recovered=recovered)
+
+    def _retry_if_changed(self, version: _Version, seen: tuple[Any, ...]) -> None:
+        """Clear a remembered re-read failure if the files now differ from those that failed,
+        so the next acquire reads them again; a few stat calls, never a read."""
+        if _signature(version.result.path) == seen:
+            return
+        with self._cond:
+            if version.error_files == seen:  # nobody retried meanwhile
+                log.info("the files of %s changed since its re-read failed: retrying",
+                         version.ref)
+                version.error = version.error_files = None
+                self._cond.notify_all()
 
     def _read_and_pack(self, path: Path, root: Path | None, digest: str | None = None,
                        config_digest: str | None = None) -> tuple[PeftAdapter, HostAdapter]:
@@ -623,25 +779,53 @@ class AdapterRegistry:
         except AdapterRefused:
             raise AdapterNotFound(name) from None
         if root is None or not (root / name).is_dir():
+            with self._lock:
+                self._lazy_failures.pop(name, None)
             raise AdapterNotFound(name)
-        signature = _signature(root / name)
-        with self._lock:
-            failure = self._lazy_failures.get(name)
-        if failure is not None and failure[0] == signature:
-            raise failure[1]  # the same files failed before: do not re-validate per request
+        signature = _signature(root / name)  # before the read: a change during it retries
+        failure = self._lazy_failure(name, signature)
+        if failure is not None:
+            raise failure  # the same files failed before: do not re-validate per request
         with self._name_lock(name):
             with self._lock:
                 if name in self._names:  # another request loaded it meanwhile
                     return self._names[name]
+            failure = self._lazy_failure(name, signature)
+            if failure is not None:
+                raise failure  # a request ahead of this one just refused the same files
             try:
                 result = self._load_locked(name, Path(name), pinned=False, trusted=False)
-            except AdapterError as exc:
-                with self._lock:
-                    self._lazy_failures[name] = (signature, exc)
+            except MemoryError:
                 raise
+            except Exception as exc:
+                if isinstance(exc, AdapterError):
+                    log.warning("lazy folder %s refused: %s", name, exc)
+                    refusal = exc
+                else:  # a bug in validation: still a refusal to remember, not a 500 per request
+                    log.exception("validating the lazy folder %s failed unexpectedly", name)
+                    with self._lock:
+                        self.stats.load_failures += 1
+                    refusal = AdapterError(f"{name}: validation failed unexpectedly "
+                                           f"({type(exc).__name__})")
+                error = _public(refusal, self._known_paths(root / name))
+                with self._lock:
+                    self._lazy_failures[name] = (signature, error)
+                raise error from None
             with self._lock:
                 self.stats.lazy_loads += 1
         return result.ref
+
+    def _lazy_failure(self, name: str, signature: tuple[Any, ...]) -> AdapterError | None:
+        with self._lock:
+            failure = self._lazy_failures.get(name)
+        return failure[1] if failure is not None and failure[0] == signature else None
+
+    def _known_paths(self, folder: Path) -> list[tuple[Path, str]]:
+        """Server paths a tenant-facing message may hold, with what each is shown as."""
+        paths = [(folder, "the adapter folder")]
+        if self.config.adapter_root is not None:
+            paths.append((self.config.adapter_root, "the adapter root"))
+        return paths
 
     # ================================================================== state changes (locked)
 
@@ -808,22 +992,30 @@ class AdapterRegistry:
                         self._reading.discard(job.ref)
                     return
             started = time.perf_counter()
+            folder = job.result.path
+            seen = _signature(folder)  # before the read: a change during it is retried
             host: HostAdapter | None = None
             error: AdapterError | None = None
             try:
                 _, host = _in_own_thread(
-                    lambda: self._read_and_pack(job.result.path, job.root, job.ref.digest,
+                    lambda: self._read_and_pack(folder, job.root, job.ref.digest,
                                                 job.config_digest))
             except AdapterError as exc:
                 error = exc
             except OSError as exc:
-                error = AdapterRefused(Rule.FILES, f"{job.result.path}: {exc}")
+                error = AdapterRefused(Rule.FILES, f"{folder}: {exc}")
             with self._cond:
                 self._reading.discard(job.ref)
-                if error is not None:
+                if error is not None and job.result.path != folder:
+                    pass  # reloaded from another folder meanwhile: the next want reads there
+                elif error is not None:
                     self.stats.disk_read_failures += 1
                     log.error("re-reading %s from disk failed: %s", job.ref, error)
-                    job.error = error  # acquire raises it from now on
+                    # acquire raises it until the files change (resolve checks) or a reload
+                    job.error = _public(error, self._known_paths(folder), suffix=(
+                        f" (re-reading {job.ref.name} version {job.ref.version} from disk; "
+                        "restore the files or reload the adapter)"))
+                    job.error_files = seen
                     self._wants.pop(job.ref, None)
                 elif job.ref in self._versions and not job.retired:
                     self.stats.disk_reads += 1
@@ -856,15 +1048,53 @@ def _module_order(module: str) -> int:
 
 
 def _signature(directory: Path) -> tuple[Any, ...]:
-    """What identifies the files of a folder cheaply (names, sizes, mtimes)."""
+    """What identifies the files of a folder cheaply: names, sizes, mtimes, and the ctimes and
+    inodes that also change when a file is rewritten with its old size and mtime."""
     entries = []
     try:
         for child in sorted(directory.iterdir()):
             stat = child.stat()
-            entries.append((child.name, stat.st_size, stat.st_mtime_ns))
-    except OSError:
-        pass
+            entries.append((child.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                            stat.st_dev, stat.st_ino))
+    except OSError as exc:
+        entries.append(("", type(exc).__name__))  # a vanished folder differs from any other
     return tuple(entries)
+
+
+def _public(exc: AdapterError, paths: Iterable[tuple[Path, str]], suffix: str = ""
+            ) -> AdapterError:
+    """`exc` as a tenant may read it, with the same rule: files of the adapter folder by their
+    name in it, other server paths by their last part, no digests (the log has the full text).
+    """
+    rule = getattr(exc, "rule", None)
+    text = str(exc)
+    prefix = f"{rule}: "
+    detail = text[len(prefix):] if isinstance(rule, str) and text.startswith(prefix) else text
+    shown: dict[str, str] = {}
+    for path, label in paths:
+        for form in {str(path), os.path.realpath(path)}:
+            shown.setdefault(form, label)
+    for form in sorted(shown, key=len, reverse=True):  # a folder before the root holding it
+        detail = detail.replace(form + os.sep, "").replace(form, shown[form])
+    detail = _DIGESTS.sub(" no longer holds the bytes that were loaded", detail)
+    detail = _ABSOLUTE_PATH.sub(r"\1", detail) + suffix
+    return AdapterRefused(rule, detail) if isinstance(rule, str) else AdapterError(detail)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash at any point leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
 
 
 def _in_own_thread(work: Callable[[], _T]) -> _T:

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="directory where unknown adapter names are resolved")
     _add(adapters, "--adapter-desired-set", metavar="FILE",
          help="YAML/JSON file of adapters to load (and pin) at start, reconciled declaratively")
+    _add(adapters, "--adapter-state", metavar="FILE",
+         help="file where runtime adapter changes (admin loads, reloads, uploads, pins, "
+              "unloads) are kept and re-applied at start; without it a restart loses them")
     _add(adapters, "--pin-adapter", action="append", default=[], metavar="NAME",
          help="adapter name kept resident on the accelerator (repeatable)")
     _add(adapters, "--allow-pickle", action="store_true", default=False,
@@ -228,6 +231,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_cpu_adapters=int(args.max_cpu_adapters),
         max_lora_rank=int(args.max_lora_rank),
         desired_set=Path(args.adapter_desired_set) if args.adapter_desired_set else None,
+        state_file=Path(args.adapter_state) if args.adapter_state else None,
         pinned=tuple(args.pin_adapter),
         allow_pickle=bool(args.allow_pickle),
     )
