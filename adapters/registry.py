@@ -190,6 +190,12 @@ class _Want:
 
 
 @dataclass
+class _NameLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # holders and waiters
+
+
+@dataclass
 class _PageIn:
     ref: AdapterRef
     resident: Resident
@@ -241,7 +247,7 @@ class AdapterRegistry:
         self._names: dict[str, AdapterRef] = {}
         self._versions: dict[AdapterRef, _Version] = {}
         self._next_version: dict[str, int] = {}  # never reset, so refs are never reused
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks: dict[str, _NameLock] = {}
         self._wants: dict[AdapterRef, _Want] = {}
         self._reading: set[AdapterRef] = set()
         self._closed: set[AdapterRef] = set()  # fairness: no new references for now
@@ -621,6 +627,14 @@ class AdapterRegistry:
             rows = [self._info(v) for v in self._versions.values()]
         return sorted(rows, key=lambda i: (not i.current, i.name, i.version))
 
+    def describe(self, ref: AdapterRef) -> AdapterInfo:
+        """The listing row of version `ref`; AdapterNotFound once it is gone."""
+        with self._lock:
+            version = self._versions.get(ref)
+            if version is None:
+                raise AdapterNotFound(ref.name)
+            return self._info(version)
+
     def get(self, name: str) -> AdapterInfo:
         """The listing row of `name`'s current version; AdapterNotFound if none."""
         with self._lock:
@@ -647,10 +661,19 @@ class AdapterRegistry:
 
     @contextmanager
     def _name_lock(self, name: str) -> Iterator[None]:
+        """One load, unload or lazy read of `name` at a time; the entry lives only while
+        someone holds or waits for it, so names that come and go leave nothing behind."""
         with self._lock:
-            lock = self._name_locks.setdefault(name, threading.Lock())
-        with lock:
-            yield
+            entry = self._name_locks.setdefault(name, _NameLock())
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._name_locks[name]
 
     def _load_locked(self, name: str, path: Path, *, pinned: bool, trusted: bool) -> LoadResult:
         started = time.perf_counter()

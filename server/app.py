@@ -1,11 +1,14 @@
 """The FastAPI app: OpenAI completions and chat, models, health, readiness, metrics, admin.
 
 One request, in order (docs/design.md, "Data flow"): authenticate the key to a tenant;
-parse the body (pydantic; a bad body is a 400); resolve `model` to the base or an adapter
-the tenant may use (anything else is the same 404); tokenize and check lengths and sampling
-parameters (400); admit it past the tenant's limits (429) and the global queue bound (503);
+parse the body (pydantic; a bad body is a 400); the cheap refusals: a tenant over its
+limits (429, `Limiter.check`, charging nothing) and prompt text longer than the context
+could hold (400); resolve `model` to the base or an adapter the tenant may use (anything
+else is the same 404); tokenize and check lengths and sampling parameters (400); admit it
+past the tenant's limits with the exact token count (429) and the global queue bound (503);
 then stream it from the engine. Admission is given back, and the engine request aborted if
-it is still running, on every way out: normal end, error, or client disconnect.
+it is still running, on every way out: normal end, error, client disconnect, or the end of a
+drain's grace (a `shutting_down` error; in a stream, an error event before [DONE]).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -24,11 +28,16 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loramux.adapters.types import AdapterError, AdapterNotFound
 from loramux.engine.sampling_params import SamplingParams
-from loramux.server.admin import bearer_is, build_admin_router, unrouted_admin
+from loramux.server.admin import (
+    bearer_is,
+    build_admin_router,
+    clean_upload_leftovers,
+    unrouted_admin,
+)
 from loramux.server.config import ServerConfig
 from loramux.server.engine_client import (
     EngineClient,
@@ -40,10 +49,11 @@ from loramux.server.errors import (
     bad_request,
     install_error_handlers,
     model_not_found,
+    shutting_down,
     unauthorized,
 )
 from loramux.server.limits import Admission, Limiter
-from loramux.server.logging import RequestIdMiddleware
+from loramux.server.logging import RequestIdMiddleware, _loggable, access_log
 from loramux.server.metrics import ServerMetrics
 from loramux.server.openapi import install_openapi
 from loramux.server.openai_schemas import (
@@ -72,6 +82,7 @@ from loramux.server.tenants import Tenant, TenantTable, load_tenants
 log = logging.getLogger("loramux.server")
 
 _DISCONNECT_POLL_S = 0.1
+_DRAIN_POLL_S = 0.1
 
 
 @dataclass
@@ -87,6 +98,8 @@ class AppState:
     start_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Set once a drain's grace is over: running requests then end with `shutting_down`.
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def base_name(self) -> str:
@@ -179,20 +192,20 @@ async def _close(gen: AsyncIterator[Any]) -> None:
         await aclose()
 
 
-async def _stream_seqs(engine: EngineClient, seqs: list[_Seq], adapter: Any | None
-                       ) -> AsyncGenerator[tuple[_Seq, GenerationChunk], None]:
-    """Interleave the chunks of every sequence as they come. Closing it aborts them all."""
-    if len(seqs) == 1:
-        seq = seqs[0]
-        gen = engine.generate(seq.request_id, seq.prompt_ids, seq.params, adapter)
-        try:
-            async for chunk in gen:
-                yield seq, chunk
-        finally:
-            await _close(gen)
-        return
+def _cut_off() -> APIError:
+    return shutting_down("The server is shutting down; this request ran past the shutdown "
+                         "grace period and was stopped.")
 
-    queue: asyncio.Queue[tuple[_Seq, GenerationChunk | None, BaseException | None]] = \
+
+async def _stream_seqs(engine: EngineClient, seqs: list[_Seq], adapter: Any | None,
+                       cut: asyncio.Event | None = None
+                       ) -> AsyncGenerator[tuple[_Seq, GenerationChunk], None]:
+    """Interleave the chunks of every sequence as they come. Closing it aborts them all.
+
+    Once `cut` is set (a drain's grace is over) it raises the `shutting_down` 503 instead of
+    waiting for the next chunk, which a stream sends as its error event.
+    """
+    queue: asyncio.Queue[tuple[_Seq | None, GenerationChunk | None, BaseException | None]] = \
         asyncio.Queue()
 
     async def pump(seq: _Seq) -> None:
@@ -208,7 +221,13 @@ async def _stream_seqs(engine: EngineClient, seqs: list[_Seq], adapter: Any | No
         finally:
             await _close(gen)
 
+    async def watch(event: asyncio.Event) -> None:
+        await event.wait()
+        queue.put_nowait((None, None, _cut_off()))
+
     tasks = [asyncio.create_task(pump(seq)) for seq in seqs]
+    if cut is not None:
+        tasks.append(asyncio.create_task(watch(cut)))
     try:
         remaining = len(seqs)
         while remaining:
@@ -218,6 +237,7 @@ async def _stream_seqs(engine: EngineClient, seqs: list[_Seq], adapter: Any | No
             if item is None:
                 remaining -= 1
                 continue
+            assert done_seq is not None
             yield done_seq, item
     finally:
         for task in tasks:
@@ -251,6 +271,76 @@ class _Stream(StreamingResponse):
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _message_chars(content: Any) -> int:
+    """Characters of text in one message's content (a string or content parts)."""
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(getattr(part, "text", None) or "") for part in content or ())
+
+
+_CLIENT_ID_ECHOED = re.compile(r"[\x20-\x7e]{1,512}")  # OpenAI's rule for X-Client-Request-Id
+_CLIENT_ID_LOGGED = 128  # characters of it in the log
+
+
+class ClientRequestIdMiddleware:
+    """Keeps the client's request id apart from the server's (pure ASGI, outside
+    RequestIdMiddleware).
+
+    The request id of the log, of response ids (`cmpl-<id>`) and of `X-Request-Id` is always
+    one the server made: a client's choice could repeat another client's, or pose as one in
+    the log. The client's own, from `X-Client-Request-Id` (OpenAI's header) or else
+    `X-Request-Id`, is removed before RequestIdMiddleware sees it, returned in
+    `X-Client-Request-Id` when it is printable ASCII of at most 512 characters (OpenAI's
+    rule), and logged on its own access-log line beside the server's id, escaped and cut to
+    `_CLIENT_ID_LOGGED` characters.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = list(scope.get("headers") or [])
+        sent = dict(headers)
+        client_id = (sent.get(b"x-client-request-id") or sent.get(b"x-request-id")
+                     or b"").decode("latin-1")
+        state: dict[str, Any] = scope.setdefault("state", {})  # shared with the copy below
+        scope = {**scope, "headers": [(k, v) for k, v in headers if k != b"x-request-id"]}
+        if not client_id:
+            await self.app(scope, receive, send)
+            return
+        echoed = client_id.encode("ascii") if _CLIENT_ID_ECHOED.fullmatch(client_id) else None
+        shown = _loggable(client_id[:_CLIENT_ID_LOGGED])
+        if len(client_id) > _CLIENT_ID_LOGGED:
+            shown += f"...({len(client_id)} characters)"
+        logged = False
+
+        def log_line() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                path = scope.get("path", "")
+                level = logging.DEBUG if path in ("/metrics", "/health", "/ready") \
+                    else logging.INFO
+                access_log.log(level, "%s client_request_id=%s", state.get("request_id", "-"),
+                               shown)
+
+        async def send_with_client_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                log_line()
+                if echoed is not None:
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (b"x-client-request-id", echoed)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_client_id)
+        finally:
+            log_line()
 
 
 # ============================================================================ the app
@@ -289,14 +379,29 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
                 if state.on_fatal is not None:
                     state.on_fatal(exc)
 
+        # Before the first request: a live upload of this process must never look like a
+        # dead one's leftover.
+        await asyncio.to_thread(clean_upload_leftovers, engine.adapter_root)
+
+        async def cut_after_grace() -> None:
+            # A drain (SIGTERM, server/cli.py) only sets `draining`; running requests then
+            # have the grace to finish, and end with a `shutting_down` error after it, before
+            # uvicorn cancels what is left (a stream cut there would end with no error event).
+            while not state.draining:
+                await asyncio.sleep(_DRAIN_POLL_S)
+            await asyncio.sleep(config.shutdown_grace_seconds)
+            state.cut.set()
+
         starter = asyncio.create_task(start())
+        cutter = asyncio.create_task(cut_after_grace())
         try:
             yield
         finally:
             state.draining = True
-            starter.cancel()
-            with contextlib.suppress(BaseException):
-                await starter
+            for task in (starter, cutter):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await engine.shutdown()
 
     app = FastAPI(title="loramux", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -304,6 +409,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
     install_error_handlers(app, unrouted=unrouted_admin)
     install_openapi(app)
     app.add_middleware(RequestIdMiddleware, on_response=metrics.count_response)
+    app.add_middleware(ClientRequestIdMiddleware)  # outside: it hides the client's id
     app.include_router(build_admin_router())
 
     # ------------------------------------------------------------------ probes and metrics
@@ -390,6 +496,17 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
             log.warning("adapter %s cannot be served: %s", model, exc)
             raise adapter_unavailable(model, exc) from None
 
+    def check_prompt_chars(chars: int, param: str) -> None:
+        """400 for prompt text longer than the context could hold, before it is tokenized."""
+        limit = engine.model.max_model_len
+        if limit is None:
+            return
+        bound = config.prompt_char_limit(limit)
+        if chars > bound:
+            raise bad_request(
+                f"The prompt has {chars} characters; this server tokenizes at most {bound} "
+                f"(this model's maximum context length is {limit} tokens).", param)
+
     def check_length(prompt_len: int, requested: int | None, param: str) -> int:
         limit = engine.model.max_model_len
         if limit is None:  # defensive: an EngineClient ready before it knows its length
@@ -447,7 +564,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         chunks: dict[int, list[GenerationChunk]] = {s.index: [] for s in run.seqs}
 
         async def consume() -> None:
-            stream = _stream_seqs(engine, run.seqs, adapter)
+            stream = _stream_seqs(engine, run.seqs, adapter, state.cut)
             async with contextlib.aclosing(stream):
                 async for seq, chunk in stream:
                     run.note(seq, chunk)
@@ -495,7 +612,7 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
                 for payload in opening:
                     yield _sse(payload)
                 last_check = time.monotonic()
-                stream = _stream_seqs(engine, run.seqs, adapter)
+                stream = _stream_seqs(engine, run.seqs, adapter, state.cut)
                 async with contextlib.aclosing(stream):
                     async for seq, chunk in stream:
                         run.note(seq, chunk)
@@ -534,8 +651,14 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         if problem is not None:
             raise bad_request(problem[1], problem[0])
         check_serving()
-        adapter = await resolve_model(request, tenant, body.model)
         raw_prompts = body.prompts()
+        # The cheap refusals first: resolving may read an adapter folder, and tokenizing
+        # megabytes of text takes seconds. Every prompt is at least one token.
+        state.limiter.check(tenant, sum(len(p) if isinstance(p, list) else 1
+                                        for p in raw_prompts)
+                            + len(raw_prompts) * body.n * (body.max_tokens or 1))
+        check_prompt_chars(sum(len(p) for p in raw_prompts if isinstance(p, str)), "prompt")
+        adapter = await resolve_model(request, tenant, body.model)
         if not raw_prompts:
             raise bad_request("prompt must not be empty", "prompt")
         prompts: list[list[int]] = []
@@ -636,6 +759,9 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         if problem is not None:
             raise bad_request(problem[1], problem[0])
         check_serving()
+        # The cheap refusals first (see completions).
+        state.limiter.check(tenant, 1 + body.n * (body.requested_max_tokens() or 1))
+        check_prompt_chars(sum(_message_chars(m.content) for m in body.messages), "messages")
         adapter = await resolve_model(request, tenant, body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(http, "--metrics-token", metavar="TOKEN", help="bearer token /metrics requires (the "
          "admin token also works); without one /metrics is open, so keep tenants off its port",
          default_text="none: /metrics is open")
+    _add(http, "--header-timeout-seconds", type=float, default=10.0, metavar="SECONDS",
+         help="close a connection whose request head is not complete this long after it "
+         "opened or after its previous response")
+    _add(http, "--max-connections", type=int, metavar="N",
+         help="open HTTP connections; past it a new one is closed at once",
+         default_text="the open-files limit less a reserve")
 
     lifecycle = serve.add_argument_group("lifecycle and logging")
     _add(lifecycle, "--shutdown-grace-seconds", type=float, metavar="SECONDS", default=30.0,
@@ -257,6 +263,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=int(args.max_queue),
         shutdown_grace_seconds=float(args.shutdown_grace_seconds),
         log_prompts=bool(args.log_prompts),
+        header_timeout_seconds=float(args.header_timeout_seconds),
+        max_connections=int(args.max_connections) if args.max_connections else None,
     )
 
 
@@ -349,19 +357,48 @@ class ReadyAnnouncer:
             listening="every interface" if config.host in _ANY_HOST else "")
 
 
+# After the grace the app ends each running request with a `shutting_down` error (in a stream,
+# an SSE event before [DONE]); uvicorn cancels what is left only this much later, so that
+# those errors reach the clients.
+DRAIN_FLUSH_SECONDS = 2
+
+
+def uvicorn_config(app: Any, config: ServerConfig, log_level: str = "INFO") -> Any:
+    """uvicorn's settings for `app`: the h11 protocol with a request-head timeout and a
+    connection cap (server/limits.py), uvicorn's keep-alive timeout, and the drain time."""
+    import math
+
+    import uvicorn
+
+    from loramux.server.limits import bounded_protocol, default_max_connections
+
+    max_connections = config.max_connections
+    if max_connections is None:
+        max_connections = default_max_connections()
+    return uvicorn.Config(
+        app, host=config.host, port=config.port, lifespan="on", access_log=False,
+        log_config=None, log_level=log_level.lower(),
+        http=bounded_protocol(config.header_timeout_seconds, max_connections),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=math.ceil(config.shutdown_grace_seconds)
+        + DRAIN_FLUSH_SECONDS,
+    )
+
+
 def _serve(config: ServerConfig, log_level: str = "INFO") -> int:
     """Build the engine, serve the app with uvicorn, drain on SIGTERM, exit.
 
     The HTTP server starts at once (/health answers, /ready is 503) while the model loads in
     the background. On SIGTERM (or Ctrl-C) /ready turns 503, the listening socket closes, and
-    running requests get `shutdown_grace_seconds` to finish before they are cut off.
+    running requests get `shutdown_grace_seconds` to finish before the app ends them with a
+    `shutting_down` error (server/app.py).
     """
     import asyncio
-    import math
 
     import uvicorn
 
     from loramux.server.app import create_app
+    from loramux.server.limits import RepeatedLogFilter
     from loramux.server.local_engine import LocalEngineClient
     from loramux.server.tenants import TenantFileError, load_tenants
 
@@ -373,11 +410,9 @@ def _serve(config: ServerConfig, log_level: str = "INFO") -> int:
     engine = LocalEngineClient(config.engine, served_model_name=config.served_model_name)
     app = create_app(config, engine, tenants=tenants)
     state = app.state.loramux
-    uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, lifespan="on", access_log=False,
-        log_config=None, log_level=log_level.lower(),
-        timeout_graceful_shutdown=math.ceil(config.shutdown_grace_seconds),
-    )
+    uv_config = uvicorn_config(app, config, log_level)
+    for handler in logging.getLogger().handlers:  # e.g. one line per refused accept()
+        handler.addFilter(RepeatedLogFilter())
 
     announcer = ReadyAnnouncer(config, state)
 

@@ -8,6 +8,13 @@ from pathlib import Path
 from loramux.engine.config import EngineConfig
 
 
+# A bound on the average characters per token of a prompt. Tokens are a few characters long;
+# the longest are runs of spaces or repeated punctuation (SmolLM2's longest has 81). Text with
+# more characters than this times the context cannot fit in it, so it is refused without
+# being tokenized (15 MB of text is some 20 s of a tokenizer's time).
+PROMPT_CHARS_PER_TOKEN = 128
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `loramux serve` needs, validated once at start-up.
@@ -32,6 +39,13 @@ class ServerConfig:
     shutdown_grace_seconds: float = 30.0
     max_upload_bytes: int | None = None  # None: the registry's max_adapter_bytes (+ config)
     log_prompts: bool = False  # prompts and outputs in the log (DEBUG level); off by default
+    # A connection whose request head is not complete this long after it opened (or after
+    # its previous response) is closed: slow or idle clients cannot hold descriptors forever.
+    header_timeout_seconds: float = 10.0
+    max_connections: int | None = None  # open HTTP connections; None: from the fd limit
+    # Prompt text longer than this is refused before it is tokenized; None:
+    # PROMPT_CHARS_PER_TOKEN characters per token of the context.
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +60,18 @@ class ServerConfig:
             raise ValueError("admin_token must not be empty (leave it unset to turn admin off)")
         if self.metrics_token is not None and not self.metrics_token.strip():
             raise ValueError("metrics_token must not be empty (leave it unset for open metrics)")
+        if not self.header_timeout_seconds > 0:
+            raise ValueError("header_timeout_seconds must be > 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
+
+    def prompt_char_limit(self, context_tokens: int) -> int:
+        """Characters of prompt text tokenized at most, for a context of `context_tokens`."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return PROMPT_CHARS_PER_TOKEN * context_tokens
 
     @property
     def upload_limit(self) -> int:

@@ -74,6 +74,10 @@ class AdapterRow:
     path: str
     slot: int | None = None
     load_seconds: float = 0.0
+    # What the load that returned this row did: "new version", "unchanged" (same weights and
+    # config as the current version) or "recovered" (unchanged, and a remembered failure to
+    # read its files cleared); None in listings.
+    outcome: str | None = None
 
     @property
     def rank(self) -> int:
@@ -87,6 +91,7 @@ class AdapterRow:
             "size_bytes": self.size_bytes, "refcount": self.refcount, "pinned": self.pinned,
             "last_use": self.last_use, "loaded_at": self.loaded_at,
             "load_seconds": self.load_seconds, "path": self.path,
+            **({"outcome": self.outcome} if self.outcome is not None else {}),
         }
 
 

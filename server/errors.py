@@ -105,6 +105,11 @@ def overloaded(message: str, retry_after: float = 1.0) -> APIError:
     return APIError(503, message, retry_after=retry_after)
 
 
+def shutting_down(message: str = "The server is shutting down.") -> APIError:
+    """The 503 of a draining server: new requests, and running ones cut at the grace's end."""
+    return APIError(503, message, code="shutting_down", retry_after=1.0)
+
+
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 

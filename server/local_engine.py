@@ -13,6 +13,7 @@ Everything that may block (registry loads, lazy resolution, validation) runs thr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -307,8 +308,14 @@ class LocalEngineClient:
 
     async def load_adapter(self, name: str, path: Path, *, pinned: bool = False) -> AdapterRow:
         registry = self.registry
-        await asyncio.to_thread(registry.load, name, path, pinned=pinned)
-        return self._current(name)
+        result = await asyncio.to_thread(registry.load, name, path, pinned=pinned)
+        try:  # the version this load made or kept, not whatever is current by now
+            row = _row(registry.describe(result.ref))
+        except AdapterNotFound:
+            row = self._current(name)
+        outcome = ("recovered" if result.recovered else "unchanged" if result.unchanged
+                   else "new version")
+        return dataclasses.replace(row, outcome=outcome)
 
     async def validate_adapter(self, path: Path) -> None:
         registry = self.registry

@@ -15,6 +15,8 @@ undeclared keys are ignored (see `ChatMessage`).
 from __future__ import annotations
 
 import json
+import re
+import sys
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,18 +59,84 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
+# Deeper than any body the API defines (a chat content part is 5 levels down) and than tool
+# schemas or template arguments need, and far below where json (about 1,000 levels, then
+# RecursionError) or pydantic would recurse into trouble.
+MAX_BODY_DEPTH = 64
+# An escaped UTF-16 surrogate (\ud800-\udfff): the only way a lone surrogate gets into a str
+# from JSON, since the UTF-8 decoder refuses encoded ones.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _bad_body(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of `text` as an escape (`\\ud800`), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
+
+
+def check_body_shape(data: Any, *, depth: bool, surrogates: bool) -> None:
+    """Refuse (400) nesting deeper than MAX_BODY_DEPTH and strings with lone surrogates.
+
+    Iterative, so a deep body cannot exhaust the stack here; `param` is the dotted path of the
+    bad string, as pydantic's errors name fields. A lone surrogate cannot be encoded, so it
+    would fail the tokenizer, the JSON of an error that repeats it, or the log.
+    """
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if depth and len(path) >= MAX_BODY_DEPTH:
+            raise _bad_body(f"The request body is nested deeper than {MAX_BODY_DEPTH} levels.")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if surrogates and isinstance(key, str):
+                bad = _lone_surrogate(key)
+                if bad is not None:
+                    where = f" in {'.'.join(path)}" if path else ""
+                    raise _bad_body(f"A key{where} holds a lone UTF-16 surrogate ({bad}); "
+                                    "text must be valid Unicode.", ".".join(path) or None)
+            if isinstance(item, dict | list):
+                stack.append((item, (*path, str(key))))
+            elif surrogates and isinstance(item, str):
+                bad = _lone_surrogate(item)
+                if bad is not None:
+                    param = ".".join((*path, str(key)))
+                    raise _bad_body(f"{param} holds a lone UTF-16 surrogate ({bad}); text must "
+                                    "be valid Unicode.", param)
+
+
 def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
     """Parse a JSON request body whatever its Content-Type (curl -d sends a form type).
 
-    Raises APIError 400 for malformed JSON or invalid fields.
+    Raises APIError 400 for malformed JSON or invalid fields, and for what JSON allows but the
+    server cannot take: nesting deeper than MAX_BODY_DEPTH, integers longer than Python
+    converts (4,300 digits), lone surrogates in any string.
     """
     try:
         data = json.loads(raw) if raw else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise validation_error([{"type": "json_invalid", "loc": ("body",)}]) from None
+    except RecursionError:
+        raise _bad_body(f"The request body is nested deeper than {MAX_BODY_DEPTH} levels."
+                        ) from None
+    except ValueError:  # int("9" * 5000): the interpreter's int_max_str_digits
+        raise _bad_body(f"The request body holds an integer of more than "
+                        f"{sys.get_int_max_str_digits()} digits.") from None
     if not isinstance(data, dict):
         raise validation_error([{"type": "model_type", "loc": ("body",),
                                  "msg": "the request body must be a JSON object"}])
+    # Both scans are skipped, at C speed, for the bodies that cannot need them: fewer
+    # brackets than the depth limit, no escaped surrogate.
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH
+    escaped = _SURROGATE_ESCAPE.search(raw) is not None
+    if deep or escaped:
+        check_body_shape(data, depth=deep, surrogates=escaped)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

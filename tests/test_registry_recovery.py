@@ -122,6 +122,24 @@ def test_reload_of_the_same_content_clears_the_failure(live: LiveServer, world: 
         weights.write_bytes(good)
 
 
+def test_load_replies_say_what_the_load_did(live: LiveServer, world: World) -> None:
+    """The admin's 201 describes the version that call made or kept, and says which."""
+    def load(path: str) -> dict[str, Any]:
+        response = httpx.post(live.url + "/admin/adapters", headers=ADMIN_HEADERS,
+                              json={"name": "acme-outcome", "path": path}, timeout=60)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    first = load("var-a")
+    assert first["outcome"] == "new version"
+    again = load("var-a")
+    assert again["outcome"] == "unchanged" and again["version"] == first["version"]
+    other = load("var-b")
+    assert other["outcome"] == "new version" and other["version"] == first["version"] + 1
+    assert other["digest"] != first["digest"]
+    assert serves(live, world, "acme-outcome", "var-b")
+
+
 # ============================================================================ lazy folders
 
 

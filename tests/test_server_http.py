@@ -501,12 +501,16 @@ def test_request_id_is_returned_and_logged_without_the_prompt(
     response = client.post("/v1/completions", headers={**auth("acme"), "X-Request-Id": "abc-1"},
                            json={"model": "acme-a", "prompt": "TOP-SECRET-PROMPT"})
     assert response.status_code == 200
-    assert response.headers["x-request-id"] == "abc-1"
-    assert response.json()["id"] == "cmpl-abc-1"
+    # The id is the server's; the client's comes back beside it (issue 15, item 11).
+    server_id = response.headers["x-request-id"]
+    assert len(server_id) == 32 and response.headers["x-client-request-id"] == "abc-1"
+    assert response.json()["id"] == f"cmpl-{server_id}"
     generated = client.get("/health").headers["x-request-id"]
     assert len(generated) == 32
     lines = [r.getMessage() for r in caplog.records if r.name == "loramux.access"]
-    line = next(msg for msg in lines if msg.startswith("abc-1 "))
+    line = next(msg for msg in lines if msg.startswith(f"{server_id} ")
+                and "client_request_id" not in msg)
+    assert any(msg == f"{server_id} client_request_id=abc-1" for msg in lines), lines
     assert "POST /v1/completions 200" in line and "adapter=acme-a" in line
     assert "tenant=acme" in line
     assert all("TOP-SECRET" not in r.getMessage() for r in caplog.records)
