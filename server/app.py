@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -28,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from loramux.adapters.types import AdapterError, AdapterNotFound
 from loramux.engine.sampling_params import SamplingParams
@@ -53,7 +52,7 @@ from loramux.server.errors import (
     unauthorized,
 )
 from loramux.server.limits import Admission, Limiter
-from loramux.server.logging import RequestIdMiddleware, _loggable, access_log
+from loramux.server.logging import RequestIdMiddleware
 from loramux.server.metrics import ServerMetrics
 from loramux.server.openapi import install_openapi
 from loramux.server.openai_schemas import (
@@ -280,69 +279,6 @@ def _message_chars(content: Any) -> int:
     return sum(len(getattr(part, "text", None) or "") for part in content or ())
 
 
-_CLIENT_ID_ECHOED = re.compile(r"[\x20-\x7e]{1,512}")  # OpenAI's rule for X-Client-Request-Id
-_CLIENT_ID_LOGGED = 128  # characters of it in the log
-
-
-class ClientRequestIdMiddleware:
-    """Keeps the client's request id apart from the server's (pure ASGI, outside
-    RequestIdMiddleware).
-
-    The request id of the log, of response ids (`cmpl-<id>`) and of `X-Request-Id` is always
-    one the server made: a client's choice could repeat another client's, or pose as one in
-    the log. The client's own, from `X-Client-Request-Id` (OpenAI's header) or else
-    `X-Request-Id`, is removed before RequestIdMiddleware sees it, returned in
-    `X-Client-Request-Id` when it is printable ASCII of at most 512 characters (OpenAI's
-    rule), and logged on its own access-log line beside the server's id, escaped and cut to
-    `_CLIENT_ID_LOGGED` characters.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = list(scope.get("headers") or [])
-        sent = dict(headers)
-        client_id = (sent.get(b"x-client-request-id") or sent.get(b"x-request-id")
-                     or b"").decode("latin-1")
-        state: dict[str, Any] = scope.setdefault("state", {})  # shared with the copy below
-        scope = {**scope, "headers": [(k, v) for k, v in headers if k != b"x-request-id"]}
-        if not client_id:
-            await self.app(scope, receive, send)
-            return
-        echoed = client_id.encode("ascii") if _CLIENT_ID_ECHOED.fullmatch(client_id) else None
-        shown = _loggable(client_id[:_CLIENT_ID_LOGGED])
-        if len(client_id) > _CLIENT_ID_LOGGED:
-            shown += f"...({len(client_id)} characters)"
-        logged = False
-
-        def log_line() -> None:
-            nonlocal logged
-            if not logged:
-                logged = True
-                path = scope.get("path", "")
-                level = logging.DEBUG if path in ("/metrics", "/health", "/ready") \
-                    else logging.INFO
-                access_log.log(level, "%s client_request_id=%s", state.get("request_id", "-"),
-                               shown)
-
-        async def send_with_client_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                log_line()
-                if echoed is not None:
-                    message = {**message, "headers": [*message.get("headers", ()),
-                                                      (b"x-client-request-id", echoed)]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_client_id)
-        finally:
-            log_line()
-
-
 # ============================================================================ the app
 
 
@@ -409,7 +345,6 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
     install_error_handlers(app, unrouted=unrouted_admin)
     install_openapi(app)
     app.add_middleware(RequestIdMiddleware, on_response=metrics.count_response)
-    app.add_middleware(ClientRequestIdMiddleware)  # outside: it hides the client's id
     app.include_router(build_admin_router())
 
     # ------------------------------------------------------------------ probes and metrics

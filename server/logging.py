@@ -1,10 +1,13 @@
 """Request ids and the access log.
 
-Every HTTP request gets an id: the caller's `X-Request-Id` when it is a short token, else a
-fresh one. It is stored in `request.state.request_id`, returned in the `X-Request-Id`
-response header and written on the access-log line, which is emitted when the response has
-been sent completely (for a stream: after `[DONE]`) with method, path, status, duration,
-tenant and adapter. Handlers fill `request.state.adapter` / `.tenant`; prompts and outputs
+Every HTTP request gets an id the server makes: a client's choice could repeat another
+client's, or pose as one in the log. It is stored in `request.state.request_id`, returned in
+the `X-Request-Id` response header and written on the access-log line, which is emitted when
+the response has been sent completely (for a stream: after `[DONE]`) with method, path,
+status, duration, tenant and adapter. The client's own id (`X-Client-Request-Id`, OpenAI's
+header, else `X-Request-Id`) travels apart: returned in `X-Client-Request-Id` when it is
+printable ASCII of at most 512 characters (OpenAI's rule), and put on the access line as
+`client_id=`, escaped and cut to 128 characters. Handlers fill `request.state.adapter` / `.tenant`; prompts and outputs
 are never part of the line (see `ServerConfig.log_prompts` for the opt-in debug log).
 """
 
@@ -21,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("loramux.access")
 
-_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch: `$` accepts a trailing "\n"
+_CLIENT_ID_ECHOED = re.compile(r"[\x20-\x7e]{1,512}")  # fullmatch; OpenAI's rule
+_CLIENT_ID_LOGGED = 128  # characters of a client's id on the access line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -47,8 +51,16 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _ID_RE.fullmatch(incoming) else new_request_id()
+        sent = dict(scope.get("headers") or [])
+        client_id = (sent.get(b"x-client-request-id") or sent.get(b"x-request-id")
+                     or b"").decode("latin-1")
+        echoed = client_id.encode("ascii") if _CLIENT_ID_ECHOED.fullmatch(client_id) else None
+        shown = ""
+        if client_id:
+            shown = f" client_id={_loggable(client_id[:_CLIENT_ID_LOGGED])}"
+            if len(client_id) > _CLIENT_ID_LOGGED:
+                shown += f"...({len(client_id)} characters)"
+        request_id = new_request_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         start = time.monotonic()
@@ -68,11 +80,11 @@ class RequestIdMiddleware:
                 self.on_response(scope.get("method", ""), path, final)
             access_log.log(
                 level,
-                "%s %s %s %d %.1fms tenant=%s adapter=%s%s",
+                "%s %s %s %d %.1fms tenant=%s adapter=%s%s%s",
                 request_id, _loggable(scope.get("method", "")), _loggable(path), final,
                 (time.monotonic() - start) * 1000.0,
                 _loggable(state.get("tenant", "-")), _loggable(state.get("adapter", "-")),
-                " disconnected" if state.get("disconnected") else "",
+                " disconnected" if state.get("disconnected") else "", shown,
             )
 
         async def send_with_id(message: Message) -> None:
@@ -82,6 +94,8 @@ class RequestIdMiddleware:
                 headers = list(message.get("headers") or [])
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
                     headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if echoed is not None:
+                    headers.append((b"x-client-request-id", echoed))
                 message = {**message, "headers": headers}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):

@@ -261,10 +261,14 @@ def test_request_ids_are_the_servers_and_the_clients_travels_apart(
                                                            "X-Request-Id": odd})
     assert response.status_code == 200
     assert "x-client-request-id" not in response.headers
-    lines = [r.getMessage() for r in caplog.records if r.name == "loramux.access"]
-    assert any(line.startswith(server_id + " ") and "client_request_id=abc-1" in line
-               for line in lines), lines
-    logged = next(line for line in lines if "client_request_id=tab" in line)
+    def lines() -> list[str]:  # the access line is written after the body has gone out
+        return [r.getMessage() for r in caplog.records if r.name == "loramux.access"]
+
+    wait_for(lambda: any(line.startswith(server_id + " ") for line in lines()) and any(
+        "client_id=tab" in line for line in lines()), timeout=10, what="access lines")
+    line = next(line for line in lines() if line.startswith(server_id + " "))
+    assert "POST /v1/completions 200" in line and line.endswith(" client_id=abc-1"), line
+    logged = next(line for line in lines() if "client_id=tab" in line)
     assert "\t" not in logged and "tab\\x09here" in logged and len(logged) < 400
 
 
