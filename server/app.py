@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -96,6 +96,8 @@ class AppState:
     draining: bool = False
     start_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
+    # Awaited before /ready answers 200 (the CLI prints its banner there first).
+    before_ready: Callable[[], Awaitable[None]] | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Set once a drain's grace is over: running requests then end with `shutting_down`.
     cut: asyncio.Event = field(default_factory=asyncio.Event)
@@ -362,6 +364,8 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         if not engine.is_ready():
             return APIError(503, "the model is loading", code="not_ready",
                             retry_after=5).response()
+        if state.before_ready is not None:
+            await state.before_ready()
         return {"status": "ready"}
 
     @app.get("/metrics")

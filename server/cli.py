@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 import textwrap
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,7 @@ class ReadyAnnouncer:
         self.state = state  # the app's AppState
         self.stream = stream
         self.done = False
+        self._lock = threading.Lock()  # the tick and /ready may both get here
 
     def ready(self) -> bool:
         """What /ready checks (server/app.py): not draining, started, the engine ready."""
@@ -337,12 +339,13 @@ class ReadyAnnouncer:
 
     def check(self, port: int | None = None) -> bool:
         """Print the banner if the server just became ready; True once it has been printed."""
-        if self.done or not self.ready():
-            return self.done
-        self.done = True
-        if log.isEnabledFor(logging.INFO):  # --log-level WARNING and up: quiet
-            print(self.banner(port), file=self.stream or sys.stderr, flush=True)
-        return True
+        with self._lock:
+            if self.done or not self.ready():
+                return self.done
+            if log.isEnabledFor(logging.INFO):  # --log-level WARNING and up: quiet
+                print(self.banner(port), file=self.stream or sys.stderr, flush=True)
+            self.done = True
+            return True
 
     def banner(self, port: int | None = None) -> str:
         config, state = self.config, self.state
@@ -456,7 +459,14 @@ def _serve(config: ServerConfig, log_level: str = "INFO") -> int:
         server.exit_code = 1
         server.should_exit = True
 
+    async def announce() -> None:
+        # /ready's first 200 comes after the banner, so a script that waits for /ready and
+        # then reads the log finds it there (the README's first session does).
+        if not announcer.done:
+            await asyncio.to_thread(announcer.check, server._port())
+
     state.on_fatal = fatal
+    state.before_ready = announce
     server.run()
     if server.exit_code == 0 and not server.started:
         return 1  # e.g. the port was taken: uvicorn logged why
