@@ -84,7 +84,10 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def model_not_found(name: str) -> APIError:
-    """The one 404 for a model that does not exist and one the caller may not use."""
+    """The one 404 for a model that does not exist and one the caller may not use. A name
+    longer than any model can have is cut (a 14 MB `model` was echoed whole)."""
+    if len(name) > 256:
+        name = f"{name[:64]}...({len(name)} characters)"
     return APIError(
         404,
         f"The model `{name}` does not exist or you do not have access to it.",

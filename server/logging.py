@@ -26,12 +26,24 @@ access_log = logging.getLogger("loramux.access")
 
 _CLIENT_ID_ECHOED = re.compile(r"[\x20-\x7e]{1,512}")  # fullmatch; OpenAI's rule
 _CLIENT_ID_LOGGED = 128  # characters of a client's id on the access line
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 controls (U+0085 is a line break to str.splitlines and some log shippers),
+# the Unicode line and paragraph separators, and lone surrogates (no encoding takes them).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_LOGGED_CHARS = 256  # of one client-supplied field on a log line
 
 
-def _loggable(value: object) -> str:
-    """`value` with control characters escaped, so a caller cannot forge log lines (\\r\\n)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _loggable(value: object, limit: int = _LOGGED_CHARS) -> str:
+    """`value` with control characters and line separators escaped, so a caller cannot forge
+    log lines, and cut to `limit` characters, so a caller cannot fill the disk (a 14 MB
+    `model` value was logged whole)."""
+    text = str(value)
+    cut = f"...({len(text)} characters)" if len(text) > limit else ""
+    return _CONTROL.sub(_escape, text[:limit]) + cut
 
 
 def new_request_id() -> str:
@@ -55,11 +67,7 @@ class RequestIdMiddleware:
         client_id = (sent.get(b"x-client-request-id") or sent.get(b"x-request-id")
                      or b"").decode("latin-1")
         echoed = client_id.encode("ascii") if _CLIENT_ID_ECHOED.fullmatch(client_id) else None
-        shown = ""
-        if client_id:
-            shown = f" client_id={_loggable(client_id[:_CLIENT_ID_LOGGED])}"
-            if len(client_id) > _CLIENT_ID_LOGGED:
-                shown += f"...({len(client_id)} characters)"
+        shown = f" client_id={_loggable(client_id, _CLIENT_ID_LOGGED)}" if client_id else ""
         request_id = new_request_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id

@@ -130,6 +130,42 @@ BODIES: list[tuple[str, str, bytes, str | None, str]] = [
 ]
 
 
+@pytest.mark.parametrize(("path", "field"), [(CMPL, "max_tokens"), (CHAT, "max_tokens"),
+                                             (CHAT, "max_completion_tokens")])
+@pytest.mark.parametrize("digits", [20, 4300])
+def test_a_max_tokens_too_long_to_print_is_a_400(live: LiveServer, path: str, field: str,
+                                                 digits: int) -> None:
+    """4,300 digits parse (the body check refuses from 4,301) but cannot be formatted back:
+    the context-length message raised ValueError, a 500."""
+    head = b'{"model":"tiny-llama","prompt":"x",' if path == CMPL else CHAT_HEAD
+    raw = head + f'"{field}":'.encode() + b"9" * digits + b"}"
+    err = assert_error(httpx.post(live.url + path, content=raw, headers=auth("acme"),
+                                  timeout=30), 400)
+    assert err["param"] == field and str(CONTEXT) in err["message"], err
+
+
+def test_log_lines_cannot_be_forged_or_grown_through_the_model(
+        live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    """U+0085 and U+2028 end a line for str.splitlines and some log shippers; a huge `model`
+    was logged and echoed whole (14 MB per request)."""
+    caplog.set_level(logging.INFO, logger="loramux.access")
+    for model in ("acme-x\u0085INFO loramux.access: forged", "acme-x\u2028forged",
+                  "a" * 1_000_000):
+        response = httpx.post(live.url + CMPL, headers=auth("acme"), timeout=30,
+                              json={"model": model, "prompt": "x"})
+        err = assert_error(response, 404)
+        assert len(response.content) < 2_000, len(response.content)
+        assert "a" * 300 not in err["message"]
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "loramux.access"
+                and "POST /v1/completions 404" in r.getMessage()]
+
+    wait_for(lambda: len(lines()) >= 3, timeout=10, what="access lines")
+    for line in lines():
+        assert len(line.splitlines()) == 1 and len(line) < 1_000, line[:300]
+    assert any("\\x85INFO" in line for line in lines()), lines()
+
+
 @pytest.mark.parametrize(("path", "raw", "param", "fragment"), [b[1:] for b in BODIES],
                          ids=[b[0] for b in BODIES])
 def test_hostile_bodies_are_400s(live: LiveServer, path: str, raw: bytes, param: str | None,
