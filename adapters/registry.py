@@ -14,12 +14,16 @@
     adapters are never evicted. Page-ins run on two background threads (disk -> host,
     host -> device); no engine-facing call waits for I/O or a copy, except `resolve`, which
     loads a lazy name and stats the files of a version that failed (call it off the step loop).
-  - A failure is remembered with the files it read (names, sizes, mtimes, ctimes, inodes), so
-    nothing is re-read per request while they stay the same: a lazy folder that failed
-    validation, and a version whose re-read from disk failed. `resolve` retries as soon as the
-    files differ (a restored file serves again without a reload); a reload of the same content
-    clears the failure too. Refusals a tenant can see name files by their name in the folder,
-    never a server path or a digest (the log has both).
+  - A failure is remembered with the folder it read (its resolved path and own device and
+    inode; its files' names, sizes, mtimes, ctimes, inodes), so nothing is re-read per request
+    while they stay the same: a lazy folder that failed validation, and a version whose re-read
+    from disk failed. `resolve` retries as soon as the folder differs (a restored file serves
+    again without a reload), and also after a backoff while it stays the same (1 s, doubling per
+    consecutive failure up to 60 s), since a failure need not come from the files (EMFILE, a
+    time budget hit under load): a transient failure heals within seconds, a broken adapter
+    costs one re-read a minute. A reload of the same content clears the failure too.
+    Refusals a tenant can see name files by their name in the folder, never a server path or
+    a digest (the log has both).
   - With `state_file`, every runtime load, reload, pin, unpin and unload (after `start`) is
     written to it atomically, and `start` applies it after the configured start-up set, so a
     restart, even after SIGKILL, serves what was served before. Lazy loads are not recorded:
@@ -94,6 +98,10 @@ _T = TypeVar("_T")
 _STATE_FORMAT = 1
 _DIGESTS = re.compile(r" has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\",:/]+/)*([^\s'\",:/]+)")
+# A remembered failure whose folder did not change is retried this long after it (registry
+# clock), doubling per consecutive failure up to _RETRY_MAX_S (read at use: tests patch them).
+_RETRY_FIRST_S = 1.0
+_RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,17 @@ class _Version:
     retired: bool = False
     error: AdapterError | None = None  # set when it can no longer be paged in
     error_files: tuple[Any, ...] | None = None  # _signature of the folder whose read failed
+    error_at: float = 0.0  # registry clock at that failure
+    error_count: int = 0  # consecutive failed re-reads (0 after a good one or a reload)
     last_use: float | None = None
+
+
+@dataclass(frozen=True)
+class _LazyFailure:
+    signature: tuple[Any, ...]  # _signature of the folder, taken before the read
+    error: AdapterError
+    at: float  # registry clock at the failure
+    count: int  # consecutive failures of this name
 
 
 @dataclass
@@ -251,7 +269,7 @@ class AdapterRegistry:
         self._wants: dict[AdapterRef, _Want] = {}
         self._reading: set[AdapterRef] = set()
         self._closed: set[AdapterRef] = set()  # fairness: no new references for now
-        self._lazy_failures: dict[str, tuple[tuple[Any, ...], AdapterError]] = {}
+        self._lazy_failures: dict[str, _LazyFailure] = {}
         # Runtime changes by name (None: unloaded) as written to config.state_file.
         self._state_lock = threading.Lock()
         self._overrides: dict[str, dict[str, Any] | None] = {}
@@ -425,14 +443,15 @@ class AdapterRegistry:
         """The current version of `name`. An unknown name that is a folder under adapter_root
         is loaded now (the only I/O any engine-facing call does); raises AdapterNotFound, or
         AdapterError when that folder holds an adapter that fails validation. A current
-        version whose re-read failed is made acquirable again if its files changed since."""
+        version whose re-read failed is made acquirable again if its folder changed since or
+        its backoff ran out."""
         with self._lock:
             ref = self._names.get(name)
             version = self._versions.get(ref) if ref is not None else None
         if ref is None:
             return self._resolve_lazy(name)
         if version is not None and version.error_files is not None:
-            self._retry_if_changed(version, version.error_files)
+            self._retry_if_due(version)
         return ref
 
     def current(self, name: str) -> AdapterRef | None:
@@ -719,6 +738,7 @@ class AdapterRegistry:
             log.info("reload of %s with the same content: the files read back fine, the "
                      "earlier failure is cleared (%s)", version.ref, version.error)
         version.error = version.error_files = None
+        version.error_count = 0
         version.root = root
         version.result = dataclasses.replace(version.result, path=adapter.path)
         ref = version.ref
@@ -728,15 +748,21 @@ class AdapterRegistry:
         return dataclasses.replace(version.result, unchanged=True, replaced=None,
                                    recovered=recovered)
 
-    def _retry_if_changed(self, version: _Version, seen: tuple[Any, ...]) -> None:
-        """Clear a remembered re-read failure if the files now differ from those that failed,
-        so the next acquire reads them again; a few stat calls, never a read."""
-        if _signature(version.result.path) == seen:
+    def _retry_if_due(self, version: _Version) -> None:
+        """Clear a remembered re-read failure once its backoff ran out or the folder now
+        differs from the one that failed, so the next acquire reads it again (one read however
+        many requests ask); the clock, then a few stat calls, never a read."""
+        with self._lock:
+            seen, count, at = version.error_files, version.error_count, version.error_at
+        if seen is None:
+            return
+        due = self._clock() - at >= _backoff(count)
+        if not due and _signature(version.result.path) == seen:
             return
         with self._cond:
-            if version.error_files == seen:  # nobody retried meanwhile
-                log.info("the files of %s changed since its re-read failed: retrying",
-                         version.ref)
+            if version.error_files is seen and version.error_count == count:  # not retried yet
+                log.info("retrying the re-read of %s: %s", version.ref,
+                         f"{count} failure(s), backoff over" if due else "its folder changed")
                 version.error = version.error_files = None
                 self._cond.notify_all()
 
@@ -832,16 +858,25 @@ class AdapterRegistry:
                                            f"({type(exc).__name__})")
                 error = _public(refusal, self._known_paths(root / name))
                 with self._lock:
-                    self._lazy_failures[name] = (signature, error)
+                    previous = self._lazy_failures.get(name)
+                    self._lazy_failures[name] = _LazyFailure(
+                        signature, error, self._clock(),
+                        previous.count + 1 if previous is not None else 1)
                 raise error from None
             with self._lock:
                 self.stats.lazy_loads += 1
         return result.ref
 
     def _lazy_failure(self, name: str, signature: tuple[Any, ...]) -> AdapterError | None:
+        """The remembered refusal of the lazy folder `name`, unless its folder changed since
+        or its backoff ran out (then it is validated again)."""
         with self._lock:
             failure = self._lazy_failures.get(name)
-        return failure[1] if failure is not None and failure[0] == signature else None
+        if failure is None or failure.signature != signature:
+            return None
+        if self._clock() - failure.at >= _backoff(failure.count):
+            return None
+        return failure.error
 
     def _known_paths(self, folder: Path) -> list[tuple[Path, str]]:
         """Server paths a tenant-facing message may hold, with what each is shown as."""
@@ -1034,13 +1069,17 @@ class AdapterRegistry:
                 elif error is not None:
                     self.stats.disk_read_failures += 1
                     log.error("re-reading %s from disk failed: %s", job.ref, error)
-                    # acquire raises it until the files change (resolve checks) or a reload
+                    # acquire raises it until resolve retries (the folder changed or the
+                    # backoff ran out) or a reload
                     job.error = _public(error, self._known_paths(folder), suffix=(
                         f" (re-reading {job.ref.name} version {job.ref.version} from disk; "
                         "restore the files or reload the adapter)"))
                     job.error_files = seen
+                    job.error_count += 1
+                    job.error_at = self._clock()
                     self._wants.pop(job.ref, None)
                 elif job.ref in self._versions and not job.retired:
+                    job.error_count = 0  # read back fine: the next failure backs off from 1 s
                     self.stats.disk_reads += 1
                     self.stats.disk_read_seconds.append(time.perf_counter() - started)
                     assert host is not None
@@ -1070,10 +1109,24 @@ def _module_order(module: str) -> int:
     return MODULES.index(module)
 
 
+def _backoff(failures: int) -> float:
+    """How long a remembered failure stands, unchanged folder, after `failures` in a row."""
+    return float(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** min(max(failures - 1, 0), 32)))
+
+
 def _signature(directory: Path) -> tuple[Any, ...]:
-    """What identifies the files of a folder cheaply: names, sizes, mtimes, and the ctimes and
-    inodes that also change when a file is rewritten with its old size and mtime."""
-    entries = []
+    """What identifies a folder and its files cheaply: the folder's resolved path and its own
+    device and inode (of the name itself and of what it points to: a folder moved away and a
+    symlink put in its place differs, and so does moving it back), then its files' names,
+    sizes, mtimes, and the ctimes and inodes that also change when a file is rewritten with
+    its old size and mtime."""
+    entries: list[Any] = []
+    try:
+        own, target = os.lstat(directory), os.stat(directory)
+        entries.append((os.path.realpath(directory), own.st_dev, own.st_ino,
+                        target.st_dev, target.st_ino))
+    except OSError as exc:
+        entries.append(("", type(exc).__name__))
     try:
         for child in sorted(directory.iterdir()):
             stat = child.stat()

@@ -8,7 +8,10 @@
   serves at once, keeping the version;
 - a lazy folder whose config is malformed is validated once per change of its files, even
   under concurrent requests, and a fixed folder is picked up at once (also when the fix kept
-  the files' sizes and mtimes).
+  the files' sizes and mtimes);
+- a remembered failure is also retried after a backoff (1 s, doubling up to 60 s) while the
+  files stay the same, so a transient one (EMFILE) heals, and as soon as the folder itself
+  moves (a symlink swapped in and out); a broken adapter is re-read at most once per backoff.
 """
 
 from __future__ import annotations
@@ -72,8 +75,11 @@ def assert_tenant_safe(message: str, world: World) -> None:
     assert not re.search(r"[0-9a-f]{64}", message), message
 
 
-def test_restored_weights_file_is_served_again(live: LiveServer, world: World) -> None:
+def test_restored_weights_file_is_served_again(live: LiveServer, world: World,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     name = "acme-one"
+    # No retry by backoff during this test: only the restored file may end the refusal.
+    monkeypatch.setattr(registry_module, "_RETRY_FIRST_S", 600.0)
     assert tier(live, name) == "disk"
     weights = world.root / name / WEIGHTS_FILE
     good = weights.read_bytes()
@@ -166,6 +172,7 @@ def test_malformed_lazy_folder_is_validated_once_per_change(
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(registry_module, "read_adapter", counted)
+    monkeypatch.setattr(registry_module, "_RETRY_FIRST_S", 600.0)  # only a change retries here
     answers: list[httpx.Response] = []
 
     def ask() -> None:
@@ -230,3 +237,159 @@ def test_lazy_refusals_are_remembered_even_for_unexpected_errors(
         assert info.value.rule == Rule.FEATURE
         assert_tenant_safe(str(info.value), world)
         assert str(tmp_path) not in str(info.value)
+
+
+# ============================================================ retries with unchanged files
+#
+# A remembered failure need not come from the files (EMFILE in a burst, a time budget hit
+# under load, the folder briefly swapped for a symlink): it is retried after a backoff even
+# while the files stay the same, and as soon as the folder itself (location, identity)
+# changes. In process, on the registry's injected clock.
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _in_process(world: World, root: Path, clock: _Clock) -> Any:
+    from adapter_factory import base_spec
+
+    from loramux.adapters.config import RegistryConfig
+    from loramux.adapters.registry import AdapterRegistry
+
+    config = RegistryConfig(adapter_root=root, max_lora_rank=16, max_gpu_adapters=1,
+                            max_cpu_adapters=1)
+    return AdapterRegistry(config, base_spec(world.hf_config), clock=clock)
+
+
+def _on_disk(reg: Any, root: Path) -> Any:
+    """Loads root/a then root/b (a host tier of one): "a" lives on disk only; its ref."""
+    ref = reg.load("a", root / "a").ref
+    reg.load("b", root / "b")
+    assert reg.get("a").tier == "disk"
+    return ref
+
+
+def _settle(reg: Any, ref: Any, timeout: float = 20.0) -> Any:
+    """What a request gets once any re-read it starts is over: a slot (released again) or the
+    AdapterError that acquire raises."""
+    from loramux.adapters.types import AdapterError
+
+    deadline = time.monotonic() + timeout
+    reg.resolve(ref.name)
+    while time.monotonic() < deadline:
+        try:
+            slot = reg.acquire(ref)
+        except AdapterError as exc:
+            return exc
+        if slot is not None:
+            reg.release(ref)
+            return slot
+        time.sleep(0.005)
+    raise TimeoutError(f"{ref} neither served nor refused")
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch, clock: _Clock,
+                    fail: Any = None) -> list[float]:
+    """Patches the registry's read function: returns the clock times of reads of folder "a";
+    `fail()`, when given and true, makes such a read raise OSError(EMFILE)."""
+    import errno
+
+    times: list[float] = []
+    real = registry_module.read_adapter
+
+    def counted(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "a":
+            times.append(clock.now)
+            if fail is not None and fail():
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "read_adapter", counted)
+    return times
+
+
+def test_transient_emfile_on_reread_recovers_after_backoff(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loramux.adapters.types import AdapterError
+
+    root = tmp_path / "root"
+    copy_adapter(world.root / "var-a", root / "a")
+    copy_adapter(world.root / "var-b", root / "b")
+    clock = _Clock()
+    burst = [True]
+    with _in_process(world, root, clock) as reg:
+        ref = _on_disk(reg, root)
+        reads = _counting_reads(monkeypatch, clock, fail=lambda: burst[0])
+        refusal = _settle(reg, ref)
+        assert isinstance(refusal, AdapterError) and len(reads) == 1
+        assert_tenant_safe(str(refusal), world)
+        burst[0] = False  # the burst is over; no file changed
+        clock.now += 0.5  # within the backoff: the same refusal, no new read
+        assert isinstance(_settle(reg, ref), AdapterError) and len(reads) == 1
+        clock.now += 0.5  # 1 s after the failure: one re-read, and it serves
+        assert isinstance(_settle(reg, ref), int) and len(reads) == 2
+        assert reg.current("a") == ref
+
+
+def test_folder_moved_out_and_back_recovers(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder replaced by a symlink to itself elsewhere is refused (outside the root);
+    moved back, unchanged files and all, it serves at once: no backoff to wait out, because
+    the folder's resolved path and identity are part of what the failure remembers."""
+    root, away = tmp_path / "root", tmp_path / "away"
+    away.mkdir()
+    for name in ("a", "lazy"):
+        copy_adapter(world.root / "var-a", root / name)
+    copy_adapter(world.root / "var-b", root / "b")
+    clock = _Clock()  # never advanced: only the change of the folder may retry
+    with _in_process(world, root, clock) as reg:
+        ref = _on_disk(reg, root)
+        reads = _counting_reads(monkeypatch, clock)
+        for name in ("a", "lazy"):
+            (root / name).rename(away / name)
+            (root / name).symlink_to(away / name, target_is_directory=True)
+        refusal = _settle(reg, ref)
+        assert isinstance(refusal, AdapterRefused) and refusal.rule == Rule.PATH, refusal
+        with pytest.raises(AdapterRefused) as info:
+            reg.resolve("lazy")
+        assert info.value.rule == Rule.PATH
+        assert isinstance(_settle(reg, ref), AdapterRefused) and len(reads) == 1  # remembered
+        for name in ("a", "lazy"):
+            (root / name).unlink()
+            (away / name).rename(root / name)
+        assert isinstance(_settle(reg, ref), int) and len(reads) == 2
+        assert reg.current("a") == ref
+        assert reg.resolve("lazy").name == "lazy"
+
+
+def test_broken_unchanged_adapter_is_reread_once_per_backoff_interval(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncated weights, never restored, under a steady stream of (also concurrent)
+    requests: re-read 1, 2, 4, ... s after each failure, never more than once a minute."""
+    root = tmp_path / "root"
+    copy_adapter(world.root / "var-a", root / "a")
+    copy_adapter(world.root / "var-b", root / "b")
+    clock = _Clock()
+    with _in_process(world, root, clock) as reg:
+        ref = _on_disk(reg, root)
+        weights = root / "a" / WEIGHTS_FILE
+        weights.write_bytes(weights.read_bytes()[:100])
+        reads = _counting_reads(monkeypatch, clock)
+        start = clock.now
+        while clock.now - start < 200:
+            threads = [threading.Thread(target=reg.resolve, args=("a",)) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(20)
+            refusal = _settle(reg, ref)
+            assert isinstance(refusal, AdapterRefused) and refusal.rule == Rule.DIGEST
+            clock.now += 0.5
+        gaps = [later - earlier for earlier, later in zip(reads, reads[1:])]
+        assert gaps == [1, 2, 4, 8, 16, 32, 60, 60], gaps
+        assert reg.stats.disk_read_failures == len(reads)
