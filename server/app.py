@@ -462,7 +462,8 @@ def create_app(config: ServerConfig, engine: EngineClient, *,
         if requested < 1:
             raise bad_request(f"{param} must be at least 1.", param)
         if requested > 10**18:  # Python refuses to print ints over 4,300 digits
-            raise bad_request(f"{param} must be at most the context length, {limit}.", param)
+            raise bad_request(f"This model's maximum context length is {limit} tokens; "
+                              f"{param} must be at most that.", param)
         if prompt_len + requested > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you "
