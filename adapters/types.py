@@ -28,6 +28,12 @@ class AdapterError(ValueError):
     """An adapter was refused; the message names the rule it broke."""
 
 
+def refused_rule(exc: Exception) -> str:
+    """The rule an adapter refusal names: AdapterRefused's `rule`, else the message's head
+    (messages start with the rule); what clients are told instead of the detail."""
+    return getattr(exc, "rule", None) or str(exc).split(":", 1)[0]
+
+
 class AdapterNotFound(KeyError):
     """No adapter of that name (or the caller may not see it)."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loramux.adapters.types import AdapterError, AdapterNotFound, AdapterSource
+from loramux.adapters.types import AdapterError, AdapterNotFound, AdapterSource, refused_rule
 from loramux.engine.kv_cache import BlockAllocator, blocks_for
 from loramux.engine.request import SeqStatus, Sequence
 
@@ -238,6 +238,6 @@ def _unavailable(name: str, exc: Exception) -> str:
     digests (the registry logs that)."""
     if isinstance(exc, AdapterNotFound):
         return f"The adapter `{name}` was unloaded before this request started."
-    rule = getattr(exc, "rule", None) or str(exc).split(":", 1)[0]  # messages start with it
+    rule = refused_rule(exc)
     cause = f" ({rule})" if rule else ""
     return f"The adapter `{name}` cannot be served{cause}; the server's log has the details."

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
-from loramux.adapters.types import AdapterError, AdapterNotFound
+from loramux.adapters.types import AdapterError, AdapterNotFound, refused_rule
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.admin import (
     bearer_is,
@@ -116,7 +116,7 @@ def adapter_unavailable(name: str, exc: AdapterError) -> APIError:
     came when the name was resolved or when its weights were paged in: it names the rule that
     failed, never the refusal's detail (server paths, digests: the log has those), and has no
     Retry-After, since retrying changes nothing until an administrator acts."""
-    rule = getattr(exc, "rule", None) or str(exc).split(":", 1)[0]  # messages start with it
+    rule = refused_rule(exc)
     cause = f" ({rule})" if rule else ""
     return APIError(400, f"The adapter `{name}` cannot be served{cause}; the server's log has "
                     "the details.", code="adapter_unavailable", param="model")
