@@ -25,9 +25,13 @@ from loramux.engine.attention import (
     build_metadata,
     paged_attention_torch,
 )
+from loramux.engine import triton_attention
 from loramux.engine.triton_attention import (
+    MAX_SPLITS,
     AttentionConfig,
+    PagedAttention,
     attention_heuristic,
+    decode_splits,
     paged_attention,
     paged_attention_triton,
 )
@@ -258,3 +262,205 @@ def test_rejects_bad_arguments() -> None:
     for changes, message in bad:
         with pytest.raises(ValueError, match=message):
             paged_attention_triton(*_bad(p, **changes), p.scale)
+
+
+# --- Split-KV decodes (PagedAttention) -------------------------------------------------------
+
+# (nH, nKV): group 1, 3, 4, 8.
+SPLIT_GQA = [(4, 4), (6, 2), (8, 2), (8, 1)]
+SPLIT_CASES = [
+    Case("short", (1, 1, 1), (1, 5, 17)),  # every context shorter than one split's tile
+    Case("boundaries", (1, 1, 1, 1), (16, 32, 64, 128)),  # on cache-block and split boundaries
+    Case("ragged", (1, 1, 1, 1, 1), (1, 33, 97, 129, 200), block_size=5),
+    Case("one", (1,), (1,)),  # a single row seeing a single position
+]
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel and records the grid of every launch."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.grids: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        self.grids.append(grid)
+        return self.kernel[grid]  # type: ignore[index]
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorder]:
+    """The grids each attention kernel was launched with during the test, by kernel."""
+    names = ("_paged_attention_kernel", "_paged_attention_split_kernel", "_split_reduce_kernel")
+    recorders = {}
+    for name in names:
+        recorders[name] = Recorder(getattr(triton_attention, name))
+        monkeypatch.setattr(triton_attention, name, recorders[name])
+    return recorders
+
+
+def make_attention(case: Case, heads: tuple[int, int], splits: int) -> PagedAttention:
+    """A PagedAttention whose SM count makes a decode step of `case` take `splits` splits."""
+    num_seqs = len(case.context_lens)
+    att = PagedAttention(num_seqs + 2, heads[0], heads[1], case.head_dim, max_model_len=1024,
+                         device=DEVICE, sm_count=num_seqs * heads[1] * splits, min_split_len=16)
+    assert att.num_splits(num_seqs, max_query_len=1) == splits
+    return att
+
+
+def poison_scratch(att: PagedAttention) -> None:
+    for t in (att.part_max, att.part_sum, att.part_acc):
+        t.fill_(NAN)
+
+
+def run_split(att: PagedAttention, p: Problem) -> torch.Tensor:
+    poison_scratch(att)
+    out = poisoned_like(p.q)
+    assert att(p.q, p.k_cache, p.v_cache, p.meta, p.scale, out=out) is out
+    return out
+
+
+def live_splits(ctx: int, splits: int, block_n: int) -> int:
+    """Splits with a non-empty chunk: chunks are cdiv(ctx, splits) rounded up to whole tiles."""
+    chunk = -(-(-(-max(ctx, 1) // splits)) // block_n) * block_n
+    return -(-ctx // chunk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", SPLIT_GQA, ids=lambda h: f"gqa{h[0] // h[1]}")
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
+def test_split_matches_dense(case: Case, heads: tuple[int, int], dtype: torch.dtype,
+                             launches: dict[str, Recorder]) -> None:
+    p = make_problem(case, *heads, dtype)
+    att = make_attention(case, heads, splits=4)
+    assert_close(run_split(att, p), dense_reference(p, case), dtype)
+    assert launches["_paged_attention_split_kernel"].grids == [(len(case.context_lens),
+                                                                heads[1], 4)]
+    assert launches["_split_reduce_kernel"].grids == [(len(case.context_lens), heads[0])]
+    assert launches["_paged_attention_kernel"].grids == []
+
+
+@pytest.mark.parametrize("splits", [2, 8, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_matches_unsplit_and_torch(splits: int, dtype: torch.dtype) -> None:
+    case = SPLIT_CASES[2]
+    p = make_problem(case, 8, 2, dtype, poison_cache=False)
+    split = run_split(make_attention(case, (8, 2), splits), p)
+    rtol, atol = TOLERANCES[dtype]
+    # Each rounds its output to dtype once: twice the slack between two of them.
+    for other in (run_triton(p), paged_attention_torch(p.q, p.k_cache, p.v_cache, p.meta,
+                                                       p.scale)):
+        torch.testing.assert_close(split.double(), other.double(), rtol=2 * rtol, atol=2 * atol)
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (8, 1)], ids=lambda h: f"gqa{h[0] // h[1]}")
+@pytest.mark.parametrize("case", SPLIT_CASES[1:3], ids=lambda c: c.name)
+def test_split_writes_only_live_splits(case: Case, heads: tuple[int, int]) -> None:
+    """The split kernel ran: scratch of every split with context is written, of no other (at
+    context 64 the chunks are 32 long, so split 2 starts exactly at the end: empty)."""
+    splits = 8
+    p = make_problem(case, *heads, torch.float32)
+    att = make_attention(case, heads, splits)
+    run_split(att, p)
+    block_n = attention_heuristic(1, heads[0] // heads[1], case.head_dim, torch.float32).block_n
+    used = len(case.context_lens) * heads[0] * splits
+    written = ~att.part_max[:used].view(len(case.context_lens), heads[0], splits).isnan()
+    for b, ctx in enumerate(case.context_lens):
+        live = live_splits(ctx, splits, block_n)
+        assert 1 <= live <= splits
+        expected = torch.arange(splits, device=DEVICE) < live
+        assert torch.equal(written[b], expected.expand(heads[0], splits)), (b, ctx)
+    assert att.part_max[used:].isnan().all()
+
+
+def test_grid_and_scratch_do_not_depend_on_context(launches: dict[str, Recorder]) -> None:
+    """Same batch size, contexts 1..3 vs 150..250: same grids, same scratch, nothing allocated."""
+    short = Case("short", (1, 1, 1), (1, 2, 3))
+    long = Case("long", (1, 1, 1), (150, 201, 250))
+    att = make_attention(short, (8, 2), splits=4)
+    scratch = [(t.data_ptr(), t.shape) for t in (att.part_max, att.part_sum, att.part_acc)]
+    for case in (short, long, short):
+        p = make_problem(case, 8, 2, torch.bfloat16)
+        assert_close(run_split(att, p), dense_reference(p, case), torch.bfloat16)
+    assert launches["_paged_attention_split_kernel"].grids == [(3, 2, 4)] * 3
+    assert launches["_split_reduce_kernel"].grids == [(3, 8)] * 3
+    assert [(t.data_ptr(), t.shape) for t in (att.part_max, att.part_sum, att.part_acc)] == scratch
+
+
+@pytest.mark.parametrize("case", [MIXED, CASES[1], CASES[3]], ids=lambda c: c.name)
+def test_steps_with_prefills_take_the_unsplit_kernel(case: Case,
+                                                     launches: dict[str, Recorder]) -> None:
+    p = make_problem(case, 8, 2, torch.float32, poison_cache=True)
+    num_seqs = len(case.context_lens)
+    att = PagedAttention(num_seqs, 8, 2, case.head_dim, 1024, DEVICE, sm_count=1000,
+                         min_split_len=16)
+    assert att.num_splits(num_seqs, 1) > 1 and att.num_splits(num_seqs, p.meta.max_query_len) == 1
+    assert_close(run_split(att, p), dense_reference(p, case), torch.float32)
+    assert launches["_paged_attention_split_kernel"].grids == []
+    assert len(launches["_paged_attention_kernel"].grids) == 1
+
+
+def test_decode_batches_that_fill_the_sms_take_the_unsplit_kernel(
+        launches: dict[str, Recorder]) -> None:
+    case = SPLIT_CASES[1]
+    p = make_problem(case, 8, 2, torch.float32)
+    att = PagedAttention(8, 8, 2, case.head_dim, 1024, DEVICE, sm_count=15, min_split_len=16)
+    assert att.num_splits(4, 1) == 1  # 4 sequences x 2 KV heads x 2 splits > 15 SMs
+    assert_close(run_split(att, p), dense_reference(p, case), torch.float32)
+    assert launches["_paged_attention_split_kernel"].grids == []
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=lambda c: f"m{c.block_m}n{c.block_n}")
+def test_split_launch_configs_and_strided_out(config: AttentionConfig) -> None:
+    case = SPLIT_CASES[2]  # block size 5: chunk edges fall inside cache blocks
+    p = make_problem(case, 6, 2, torch.float32)
+    att = make_attention(case, (6, 2), splits=4)
+    poison_scratch(att)
+    num_tokens, num_heads, dim = p.q.shape
+    buffer = torch.randn(num_tokens, num_heads + 1, dim + 3, device=DEVICE)
+    before = buffer.clone()
+    out = buffer[:, 1:, 2:dim + 2]  # [T, nH, D] with padding on two axes
+    att(p.q, p.k_cache, p.v_cache, p.meta, p.scale, out=out, config=config)
+    assert_close(out, dense_reference(p, case), torch.float32)
+    buffer[:, 1:, 2:dim + 2] = before[:, 1:, 2:dim + 2]
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize(("num_seqs", "num_kv", "sm_count", "max_model_len", "expected"), [
+    (1, 8, 132, 4096, 16),  # batch 1, 8 KV heads on an H100: 128 programs
+    (1, 8, 132, 131072, 16),
+    (1, 8, 132, 1024, 4),  # capped by 1024 / 256 positions per split
+    (4, 8, 132, 4096, 4),
+    (8, 8, 132, 4096, 2),
+    (9, 8, 132, 4096, 1),  # 72 programs: doubling would pass 132
+    (64, 8, 132, 4096, 1),
+    (1, 1, 10_000, 10**6, MAX_SPLITS),
+    (1, 8, 132, 256, 1),
+])
+def test_decode_splits(num_seqs: int, num_kv: int, sm_count: int, max_model_len: int,
+                       expected: int) -> None:
+    assert decode_splits(num_seqs, num_kv, sm_count, max_model_len) == expected
+
+
+def test_scratch_is_sized_for_the_largest_split_batch() -> None:
+    att = PagedAttention(64, 32, 8, 128, 4096, DEVICE, sm_count=132)
+    assert att.splits[:9] == (16, 8, 4, 4, 2, 2, 2, 2, 1)
+    # 1 x 32 x 16 = 2 x 32 x 8 = 4 x 32 x 4 = 8 x 32 x 2 slots of 128 floats: 256 KiB.
+    assert att.part_acc.shape == (512, 128) and att.part_max.shape == (512,)
+    assert PagedAttention(4, 4, 4, 16, 4096, DEVICE, sm_count=4).part_acc.numel() == 0
+
+
+def test_split_rejects_bad_arguments() -> None:
+    case = SPLIT_CASES[0]
+    p = make_problem(case, 8, 2, torch.float32)
+    att = make_attention(case, (8, 2), splits=4)
+    with pytest.raises(ValueError, match=r"built for \(nH, nKV, D\)"):
+        PagedAttention(3, 4, 2, 16, 1024, DEVICE)(p.q, p.k_cache, p.v_cache, p.meta, p.scale)
+    with pytest.raises(ValueError, match="at most 2"):
+        PagedAttention(2, 8, 2, 16, 1024, DEVICE)(p.q, p.k_cache, p.v_cache, p.meta, p.scale)
+    mixed = make_problem(Case("mixed", (1, 2, 1), (3, 4, 5)), 8, 2, torch.float32)
+    lying = AttentionMetadata(**{**mixed.meta.__dict__, "max_query_len": 1})
+    with pytest.raises(ValueError, match="one query row per sequence"):
+        att(mixed.q, mixed.k_cache, mixed.v_cache, lying, mixed.scale)
+    with pytest.raises(ValueError, match="not a multiple"):
+        PagedAttention(3, 6, 4, 16, 1024, DEVICE)
