@@ -83,11 +83,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
+# The Triton kernel cache (TRITON_CACHE_DIR below) is made here, owned by the user, so that a
+# fresh named volume on /var/cache/loramux starts with it writable: kernels compiled once are
+# kept with the volume (the chart mounts a volume of its own there, helm/loramux values.yaml).
 RUN groupadd --gid 10001 loramux \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loramux \
         --shell /usr/sbin/nologin loramux \
-    && mkdir -p /var/cache/loramux /adapters \
-    && chown 10001:10001 /var/cache/loramux /adapters
+    && mkdir -p /var/cache/loramux/triton /adapters \
+    && chown 10001:10001 /var/cache/loramux /var/cache/loramux/triton /adapters
 
 COPY --from=build /opt/venv /opt/venv
 

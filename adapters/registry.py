@@ -253,8 +253,11 @@ class AdapterRegistry:
                                 capacity_elements=capacity, max_rank=config.max_lora_rank,
                                 device=self.device, dtype=dtype)
         self.tables: LoraTables = self._pool.tables
-        self._host = HostCache(config.max_cpu_adapters, config.cpu_cache_bytes)
         self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
+        # Pinned buffers are rounded up to a power of two by torch's host allocator: the
+        # host tier's budget counts what is really held.
+        self._host = HostCache(config.max_cpu_adapters, config.cpu_cache_bytes,
+                               pinned=self._pin_host)
         self._clock = clock
         self.stats = RegistryStats()
         # The engine may set its compute stream so page-in copies wait for its kernels.

@@ -203,6 +203,21 @@ def test_cache_and_adapters_are_volumes() -> None:
         assert env[var].startswith(env["LORAMUX_CACHE"] + "/"), var
 
 
+def test_triton_cache_is_made_for_the_user_on_the_cache_volume() -> None:
+    """TRITON_CACHE_DIR lies on a VOLUME and exists in the image, owned by the server's user:
+    compiled kernels are written there, and kept as long as the volume is."""
+    stage = _final_stage()
+    env = _env(stage)
+    triton = env["TRITON_CACHE_DIR"]
+    (volume,) = [rest for keyword, rest in stage if keyword == "VOLUME"]
+    assert any(triton.startswith(v + "/") for v in _exec_form(volume))
+    (user,) = [rest for keyword, rest in stage if keyword == "USER"]
+    commands = [c.strip() for keyword, rest in stage if keyword == "RUN"
+                for c in rest.split("&&")]
+    assert any(c.startswith("mkdir -p") and triton in c.split() for c in commands)
+    assert any(c.startswith(f"chown {user}") and triton in c.split() for c in commands)
+
+
 def test_configuration_variables_are_cli_flags() -> None:
     import argparse
 

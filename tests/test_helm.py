@@ -190,6 +190,8 @@ COMBOS: dict[str, dict[str, Any]] = {
                    "maxNumBatchedTokens": 4096, "port": 8080, "shutdownGraceSeconds": 120},
         "cache": {"existingClaim": "loramux-cache"},
     },
+    # Triton's compiled kernels on a claim of their own, the rest of the cache an emptyDir.
+    "triton-pvc": {"tritonCache": {"existingClaim": "triton-kernels", "sizeLimit": "5Gi"}},
     "model-init": {
         "model": {"source": "init", "init": {
             "image": "example.com/model-fetcher:1", "args": ["--to", "/models/qwen"],
@@ -533,6 +535,8 @@ INVALID_VALUES = {
     "scrape interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},
     "model source": {"model": {"source": "s3"}},
     "probe threshold": {"probes": {"startup": {"failureThreshold": 0}}},
+    "triton cache size": {"tritonCache": {"sizeLimit": "lots"}},
+    "unknown triton cache key": {"tritonCache": {"path": "/tmp/triton"}},
 }
 
 
@@ -867,6 +871,27 @@ def test_pvc_adapters_and_model(renders: dict[str, Render]) -> None:
         "support=/srv/adapters/support-v3,sql=/srv/adapters/team/sql-v1")
     assert env["LORAMUX_MODEL"] == "/models/Llama-3.1-8B"
     assert "initContainers" not in render.pod["spec"]  # nothing to convert or fetch
+
+
+def test_triton_cache_is_a_volume_at_its_directory(renders: dict[str, Render]) -> None:
+    """TRITON_CACHE_DIR is a mount of its own: an emptyDir by default, the claim that
+    tritonCache.existingClaim names; with a cache claim and none of its own, the kernels stay
+    on the cache claim (no volume is mounted over it)."""
+    for name, volume in (("default", {"emptyDir": {"sizeLimit": "2Gi"}}),
+                         ("triton-pvc",
+                          {"persistentVolumeClaim": {"claimName": "triton-kernels"}})):
+        render = renders[name]
+        env = render.configmap_env()
+        mounts = {m["name"]: m["mountPath"] for m in render.server["volumeMounts"]}
+        assert mounts["triton-cache"] == env["TRITON_CACHE_DIR"] == "/var/cache/loramux/triton"
+        assert mounts["cache"] == env["LORAMUX_CACHE"]
+        (found,) = [v for v in render.pod["spec"]["volumes"] if v["name"] == "triton-cache"]
+        assert {k: v for k, v in found.items() if k != "name"} == volume
+    render = renders["pvc-adapters"]  # cache.existingClaim, no Triton claim
+    assert "triton-cache" not in {v["name"] for v in render.pod["spec"]["volumes"]}
+    assert "triton-cache" not in {m["name"] for m in render.server["volumeMounts"]}
+    env = render.configmap_env()
+    assert env["TRITON_CACHE_DIR"] == env["LORAMUX_CACHE"] + "/triton"
 
 
 def test_embedded_model_is_converted_by_an_init_container(renders: dict[str, Render]) -> None:

@@ -78,6 +78,17 @@ app.kubernetes.io/component: model-server
 {{- end }}
 {{- end }}
 
+{{/* TRITON_CACHE_DIR, under the cache mount. */}}
+{{- define "loramux.tritonCacheDir" -}}
+{{- printf "%s/triton" .Values.cache.mountPath }}
+{{- end }}
+
+{{/* "true" when the Triton cache gets a volume of its own: a claim of its own, or an emptyDir
+when the cache itself is an emptyDir (a cache claim keeps the kernels already). */}}
+{{- define "loramux.tritonCacheVolume" -}}
+{{- if or .Values.tritonCache.existingClaim (not .Values.cache.existingClaim) }}true{{- end }}
+{{- end }}
+
 {{/* Pod termination: preStop sleep + the server's drain grace + 10 s to exit. */}}
 {{- define "loramux.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.server.preStopSleepSeconds) (int .Values.server.shutdownGraceSeconds) 10 }}
