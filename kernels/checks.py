@@ -16,6 +16,11 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Every block of a slot with rank > 0 starts at a multiple of this many elements in its pool
+# (adapters/host_cache.py packs at multiples of 64). The Triton kernels rely on it to load
+# weight rows with 16-byte vector loads; the torch backends do not need it but check it too.
+OFFSET_ALIGN = 16
+
 
 @dataclass(frozen=True)
 class SgmvDims:
@@ -113,6 +118,9 @@ def _check_values(
             _fail(op, f"ranks[{k}] = {rank} is negative")
         if rank > max_rank:
             _fail(op, f"ranks[{k}] = {rank} exceeds {max_rank_name} = {max_rank}")
+        if rank > 0 and offset % OFFSET_ALIGN:
+            _fail(op, f"slot {k}: {offsets_name}[{k}] = {offset} is not a multiple of "
+                      f"{OFFSET_ALIGN}")
         if rank > 0 and (offset < 0 or offset + rank * elems_per_rank > pool_size):
             _fail(
                 op,

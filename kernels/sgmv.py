@@ -1,4 +1,8 @@
-"""SGMV shrink and expand as Triton kernels, with their launchers.
+"""SGMV shrink and expand as Triton kernels: raw launches, and checked entry points.
+
+launch_shrink / launch_expand launch with a given config and check nothing (launch.py's
+SgmvLauncher calls them with configs fixed at construction); sgmv_shrink_triton /
+sgmv_expand_triton check their arguments and pick the config per call.
 
 Semantics are those of reference.py. How the work is cut:
 
@@ -16,6 +20,12 @@ Semantics are those of reference.py. How the work is cut:
   second small kernel adds them up and writes out (deterministic, no atomics).
 * Expand grid: (tiles, output blocks of BLOCK_N); the rank loop runs to ranks[k] only.
 
+Alignment. Pool offsets are multiples of OFFSET_ALIGN elements (checks.py), and Triton marks
+int arguments divisible by 16 on its own (H, O, strides of real models), so rows of A_k load
+as 16-byte vectors (cp.async). Rows of B_k are `rank` elements long and rank is data: the
+expand kernel branches once per program on rank % 8 == 0 into a copy of its loop that the
+compiler may vectorise, and other ranks take scalar loads.
+
 Loads are cast to float32 before tl.dot under the interpreter (which gets bf16/fp16 arithmetic
 wrong) or when the two operands' dtypes differ; on a GPU, bf16/fp16 go to the tensor cores as
 they are. The accumulator is always float32.
@@ -24,99 +34,38 @@ they are. The accumulator is always float32.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
-from loramux.kernels.checks import SgmvDims, check_expand, check_shrink
+from loramux.kernels.checks import OFFSET_ALIGN as _OFFSET_ALIGN
+from loramux.kernels.checks import check_expand, check_shrink
+from loramux.kernels.sgmv_config import (
+    ExpandConfig,
+    Op,
+    ShapeKey,
+    ShrinkConfig,
+    TunedTable,
+    batch_bucket,
+    rank_bucket,
+    regime_of,
+)
+
+if TYPE_CHECKING:
+    from loramux.kernels.compile_check import KernelVariant
 
 # Read once: @triton.jit fixed compiled-vs-interpreted mode when this module was imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-Regime = Literal["decode", "prefill"]
+# What the kernels may assume of every pool offset (checks.py states and checks it).
+OFFSET_ALIGN = tl.constexpr(_OFFSET_ALIGN)
+
+# Loaded once; anything it lacks for this GPU falls back to the heuristics (sgmv_config.py).
+TUNED_TABLE = TunedTable.load()
 
 
-def _check_block(name: str, value: int, minimum: int) -> None:
-    if value < minimum or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
-
-
-@dataclass(frozen=True)
-class ShrinkConfig:
-    """Launch parameters of the shrink kernel (block sizes are powers of two, >= 16 for tl.dot)."""
-
-    block_m: int = 16  # rows per tile
-    block_r: int = 16  # rank columns per program
-    block_k: int = 128  # hidden elements per loop step
-    split_k: int = 1  # programs sharing one tile's hidden dimension (> 1: partial sums)
-    num_warps: int = 4
-
-    def __post_init__(self) -> None:
-        _check_block("block_m", self.block_m, 16)
-        _check_block("block_r", self.block_r, 16)
-        _check_block("block_k", self.block_k, 16)
-        if self.split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
-
-
-@dataclass(frozen=True)
-class ExpandConfig:
-    """Launch parameters of the expand kernel (block sizes are powers of two, >= 16 for tl.dot)."""
-
-    block_m: int = 16  # rows per tile
-    block_n: int = 128  # output columns per program
-    block_r: int = 16  # rank elements per loop step
-    num_warps: int = 4
-
-    def __post_init__(self) -> None:
-        _check_block("block_m", self.block_m, 16)
-        _check_block("block_n", self.block_n, 16)
-        _check_block("block_r", self.block_r, 16)
-
-
-# Offline-tuned launch parameters, keyed by torch.cuda.get_device_name() and then by
-# (op, regime), op in {"shrink", "expand"}. A tuning script fills it from
-# loadtest/benchmark_sgmv.py runs; anything missing falls back to the heuristics below.
-TUNED_CONFIGS: Mapping[str, Mapping[tuple[str, Regime], ShrinkConfig | ExpandConfig]] = {}
-
-
-def regime_of(dims: SgmvDims) -> Regime:
-    """decode when segments average at most 4 rows (one tile each, weight traffic dominates)."""
-    return "decode" if dims.rows <= 4 * max(dims.segments, 1) else "prefill"
-
-
-def _rank_block(max_rank: int) -> int:
-    # One block covers ranks up to 64, the common case; tl.dot needs at least 16.
-    return min(64, max(16, int(triton.next_power_of_2(max_rank))))
-
-
-def shrink_heuristic(dims: SgmvDims, num_sms: int) -> ShrinkConfig:
-    """Default shrink launch: split the hidden dimension until about 2 programs per SM."""
-    decode = regime_of(dims) == "decode"
-    block_m = 16 if decode else 64
-    block_r = _rank_block(dims.outer)
-    block_k = 128
-    tiles = dims.segments if decode else triton.cdiv(dims.rows, block_m)
-    programs = max(tiles, 1) * triton.cdiv(dims.outer, block_r)
-    # Prefill reads x once per rank block; float32 partials would add 8 * SPLIT_K * R bytes
-    # per row against 2 * H bytes of x, so prefill splits less than decode.
-    max_split = min(triton.cdiv(dims.inner, block_k), 16 if decode else 4)
-    split_k = 1
-    while split_k * 2 <= max_split and programs * split_k < 2 * num_sms:
-        split_k *= 2
-    return ShrinkConfig(block_m=block_m, block_r=block_r, block_k=block_k, split_k=split_k)
-
-
-def expand_heuristic(dims: SgmvDims) -> ExpandConfig:
-    """Default expand launch: output blocks alone give enough programs (O is in the thousands)."""
-    decode = regime_of(dims) == "decode"
-    return ExpandConfig(block_m=16 if decode else 64, block_n=128, block_r=_rank_block(dims.inner))
-
-
-def _device_info(device: torch.device) -> tuple[str, int]:
+def device_info(device: torch.device) -> tuple[str, int]:
     """(name, SM count) of a CUDA device; the interpreter gets one "SM" so it never splits."""
     if device.type != "cuda":
         return "cpu", 1
@@ -124,13 +73,22 @@ def _device_info(device: torch.device) -> tuple[str, int]:
     return props.name, props.multi_processor_count
 
 
-def _seg_block(segments: int) -> int:
+def shape_key(op: Op, rows: int, segments: int, features: int, max_rank: int) -> ShapeKey:
+    """The tuned-table key of one call (features: H for shrink, O for expand)."""
+    regime = regime_of(rows, segments)
+    return ShapeKey(op, regime, features, rank_bucket(max_rank),
+                    batch_bucket(regime, rows, segments))
+
+
+def seg_block(segments: int) -> int:
+    """SEG_BLOCK: the lanes that scan seg_starts, a power of two >= segments (and >= 16)."""
     return max(16, int(triton.next_power_of_2(segments)))
 
 
-def _dot_modes(a: torch.dtype, b: torch.dtype) -> tuple[bool, str]:
+def dot_modes(a: torch.dtype, b: torch.dtype, *,
+              interpret: bool = _INTERPRET) -> tuple[bool, str]:
     """(upcast operands to float32, tl.dot input precision) for operand dtypes a and b."""
-    upcast = _INTERPRET or a != b
+    upcast = interpret or a != b
     # float32 callers asked for full precision; an upcast bf16/fp16 operand is exact in tf32.
     precision = "ieee" if a == b == torch.float32 else "tf32"
     return upcast, precision
@@ -202,7 +160,9 @@ def _sgmv_shrink_kernel(
     r_start = tl.program_id(1) * BLOCK_R
     if r_start >= rank:
         return
-    a_offset = tl.load(a_offsets_ptr + slot)  # int64: A_k's first element in the pool
+    # int64: A_k's first element in the pool, a multiple of OFFSET_ALIGN (the pool's packing
+    # guarantees it), so rows of A_k start 16-byte aligned when H is a multiple of 16.
+    a_offset = tl.multiple_of(tl.load(a_offsets_ptr + slot), OFFSET_ALIGN)
 
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
@@ -291,6 +251,35 @@ def _sgmv_shrink_reduce_kernel(
 
 
 @triton.jit
+def _expand_tile(v_ptr, b_ptr, rows, row_mask, cols, col_mask, rank, max_rank, stride_v_row,
+                 stride_v_col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """v[rows, :rank] @ B_k[cols, :rank].T, accumulated in float32: [BLOCK_M, BLOCK_N]."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r_start in range(0, rank, BLOCK_R):
+        r = r_start + tl.arange(0, BLOCK_R)
+        r_mask = (r < rank) & (r < max_rank)
+        # v[t, r] sits at t * stride_v_row + r * stride_v_col; columns >= rank are never read.
+        v_tile = tl.load(  # [BLOCK_M, BLOCK_R]
+            v_ptr + rows[:, None] * stride_v_row + r[None, :] * stride_v_col,
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        # B_k is row-major [O, rank]: B_k[o, r] sits at b_ptr + o * rank + r. Loaded
+        # transposed, so consecutive r (contiguous in memory) run down the tile.
+        b_tile = tl.load(  # [BLOCK_R, BLOCK_N] = B_k[o, r].T
+            b_ptr + cols[None, :] * rank + r[:, None],
+            mask=r_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            v_tile = v_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
+        acc = tl.dot(v_tile, b_tile, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _sgmv_expand_kernel(
     v_ptr,  # [T, R_max]
     b_pool_ptr,  # [P]
@@ -325,7 +314,8 @@ def _sgmv_expand_kernel(
     if rank == 0:  # nothing to add: skip the read-modify-write of out
         return
     scale = tl.load(scales_ptr + slot)
-    b_offset = tl.load(b_offsets_ptr + slot)  # int64: B_k's first element in the pool
+    # int64: B_k's first element in the pool, a multiple of OFFSET_ALIGN (see shrink).
+    b_offset = tl.multiple_of(tl.load(b_offsets_ptr + slot), OFFSET_ALIGN)
 
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
@@ -333,33 +323,95 @@ def _sgmv_expand_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r_start in range(0, rank, BLOCK_R):
-        r = r_start + tl.arange(0, BLOCK_R)
-        r_mask = (r < rank) & (r < max_rank)
-        # v[t, r] sits at t * stride_v_row + r * stride_v_col; columns >= rank are never read.
-        v_tile = tl.load(  # [BLOCK_M, BLOCK_R]
-            v_ptr + rows[:, None] * stride_v_row + r[None, :] * stride_v_col,
-            mask=row_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        # B_k is row-major [O, rank]: B_k[o, r] sits at b_offset + o * rank + r. Loaded
-        # transposed, so consecutive r (contiguous in memory) run down the tile.
-        b_tile = tl.load(  # [BLOCK_R, BLOCK_N] = B_k[o, r].T
-            b_pool_ptr + b_offset + cols[None, :] * rank + r[:, None],
-            mask=r_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            v_tile = v_tile.to(tl.float32)
-            b_tile = b_tile.to(tl.float32)
-        acc = tl.dot(v_tile, b_tile, acc, input_precision=PRECISION)
+    b_ptr = b_pool_ptr + b_offset  # B_k
+    if rank % 8 == 0:
+        # (rank >> 3) << 3 is rank here, and the compiler can see it is a multiple of 8: rows
+        # of B_k then start 16-byte aligned and the tile loads vectorise. Any other rank takes
+        # the scalar loads below (a hint on rank itself would mark every use of it).
+        acc = _expand_tile(v_ptr, b_ptr, rows, row_mask, cols, col_mask, (rank >> 3) << 3,
+                           max_rank, stride_v_row, stride_v_col, BLOCK_M, BLOCK_N, BLOCK_R,
+                           UPCAST, PRECISION)
+    else:
+        acc = _expand_tile(v_ptr, b_ptr, rows, row_mask, cols, col_mask, rank, max_rank,
+                           stride_v_row, stride_v_col, BLOCK_M, BLOCK_N, BLOCK_R, UPCAST,
+                           PRECISION)
 
     # out[t, o] sits at t * stride_out_row + o * stride_out_col.
     out_ptrs = out_ptr + rows[:, None] * stride_out_row + cols[None, :] * stride_out_col
     mask = row_mask[:, None] & col_mask[None, :]
     before = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, (before + scale * acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_shrink(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    a_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    out: torch.Tensor,
+    partial: torch.Tensor,
+    config: ShrinkConfig,
+    segments_block: int,
+    upcast: bool,
+    precision: str,
+) -> None:
+    """The shrink launch alone, nothing checked (see sgmv_shrink_triton for the semantics).
+
+    partial: float32, >= split_k * T * R_max elements when config.split_k > 1, else unused;
+    segments_block: seg_block(N) or more. Allocates nothing and never syncs: capturable.
+    """
+    rows, hidden = x.shape
+    max_rank, segments = out.shape[1], seg_slots.shape[0]
+    split_k = config.split_k
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), config.block_k) * config.block_k
+    grid = (triton.cdiv(rows, config.block_m) + segments, triton.cdiv(max_rank, config.block_r),
+            split_k)
+    _sgmv_shrink_kernel[grid](
+        x, a_pool, a_offsets, ranks, seg_starts, seg_slots, out, partial,
+        rows, hidden, max_rank, segments, k_per_split,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+        SEG_BLOCK=segments_block, SPLIT_K=split_k, UPCAST=upcast, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if split_k > 1:
+        _sgmv_shrink_reduce_kernel[grid[:2]](
+            partial, ranks, seg_starts, seg_slots, out,
+            rows, max_rank, segments, out.stride(0), out.stride(1),
+            BLOCK_M=config.block_m, BLOCK_R=config.block_r, SEG_BLOCK=segments_block,
+            SPLIT_K=split_k, num_warps=config.num_warps,
+        )  # fmt: skip
+
+
+def launch_expand(
+    v: torch.Tensor,
+    b_pool: torch.Tensor,
+    b_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    out: torch.Tensor,
+    config: ExpandConfig,
+    segments_block: int,
+    upcast: bool,
+    precision: str,
+) -> None:
+    """The expand launch alone, nothing checked (see sgmv_expand_triton for the semantics)."""
+    rows, max_rank = v.shape
+    out_features, segments = out.shape[1], seg_slots.shape[0]
+    grid = (triton.cdiv(rows, config.block_m) + segments, triton.cdiv(out_features,
+                                                                      config.block_n))
+    _sgmv_expand_kernel[grid](
+        v, b_pool, b_offsets, ranks, scales, seg_starts, seg_slots, out,
+        out_features, max_rank, segments,
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
+        SEG_BLOCK=segments_block, UPCAST=upcast, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
 
 
 def sgmv_shrink_triton(
@@ -377,44 +429,29 @@ def sgmv_shrink_triton(
 
     x [T, H]; a_pool [P]; a_offsets int64 [S]; ranks int32 [S]; seg_starts int32 [N+1];
     seg_slots int32 [N]; out [T, R_max]. config overrides the tuned/heuristic launch.
+    Checks its arguments and allocates split-K partials per call; the engine's hot path uses
+    launch.SgmvLauncher instead.
     """
     dims = check_shrink(x, a_pool, a_offsets, ranks, seg_starts, seg_slots, out)
     _check_launchable("sgmv_shrink", x)
     if dims.rows == 0 or dims.segments == 0 or dims.outer == 0 or dims.inner == 0:
         return out  # nothing to write (an empty hidden dimension leaves out untouched too)
     if config is None:
-        name, num_sms = _device_info(x.device)
-        tuned = TUNED_CONFIGS.get(name, {}).get(("shrink", regime_of(dims)))
-        config = tuned if isinstance(tuned, ShrinkConfig) else shrink_heuristic(dims, num_sms)
-
-    rows, hidden, max_rank, segments = dims.rows, dims.inner, dims.outer, dims.segments
-    split_k = config.split_k
+        name, num_sms = device_info(x.device)
+        key = shape_key("shrink", dims.rows, dims.segments, dims.inner, dims.outer)
+        tuned = TUNED_TABLE.choose(name, key, num_sms)
+        assert isinstance(tuned, ShrinkConfig)
+        config = tuned
     # float32 partial sums, only when split; every (split, row, rank) read back is written.
     partial = (
-        torch.empty((split_k, rows, max_rank), dtype=torch.float32, device=x.device)
-        if split_k > 1
+        torch.empty(config.split_k * dims.rows * dims.outer, dtype=torch.float32,
+                    device=x.device)
+        if config.split_k > 1
         else out
     )
-    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), config.block_k) * config.block_k
-    tiles = triton.cdiv(rows, config.block_m) + segments
-    r_blocks = triton.cdiv(max_rank, config.block_r)
-    seg_block = _seg_block(segments)
-    upcast, precision = _dot_modes(x.dtype, a_pool.dtype)
-    _sgmv_shrink_kernel[(tiles, r_blocks, split_k)](
-        x, a_pool, a_offsets, ranks, seg_starts, seg_slots, out, partial,
-        rows, hidden, max_rank, segments, k_per_split,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        SEG_BLOCK=seg_block, SPLIT_K=split_k, UPCAST=upcast, PRECISION=precision,
-        num_warps=config.num_warps,
-    )  # fmt: skip
-    if split_k > 1:
-        _sgmv_shrink_reduce_kernel[(tiles, r_blocks)](
-            partial, ranks, seg_starts, seg_slots, out,
-            rows, max_rank, segments, out.stride(0), out.stride(1),
-            BLOCK_M=config.block_m, BLOCK_R=config.block_r, SEG_BLOCK=seg_block,
-            SPLIT_K=split_k, num_warps=config.num_warps,
-        )  # fmt: skip
+    upcast, precision = dot_modes(x.dtype, a_pool.dtype)
+    launch_shrink(x, a_pool, a_offsets, ranks, seg_starts, seg_slots, out, partial, config,
+                  seg_block(dims.segments), upcast, precision)
     return out
 
 
@@ -440,19 +477,73 @@ def sgmv_expand_triton(
     if dims.rows == 0 or dims.segments == 0 or dims.outer == 0 or dims.inner == 0:
         return out  # nothing to add
     if config is None:
-        name, _ = _device_info(v.device)
-        tuned = TUNED_CONFIGS.get(name, {}).get(("expand", regime_of(dims)))
-        config = tuned if isinstance(tuned, ExpandConfig) else expand_heuristic(dims)
-
-    grid = (triton.cdiv(dims.rows, config.block_m) + dims.segments,
-            triton.cdiv(dims.outer, config.block_n))
-    upcast, precision = _dot_modes(v.dtype, b_pool.dtype)
-    _sgmv_expand_kernel[grid](
-        v, b_pool, b_offsets, ranks, scales, seg_starts, seg_slots, out,
-        dims.outer, dims.inner, dims.segments,
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
-        SEG_BLOCK=_seg_block(dims.segments), UPCAST=upcast, PRECISION=precision,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+        name, num_sms = device_info(v.device)
+        key = shape_key("expand", dims.rows, dims.segments, dims.outer, dims.inner)
+        tuned = TUNED_TABLE.choose(name, key, num_sms)
+        assert isinstance(tuned, ExpandConfig)
+        config = tuned
+    upcast, precision = dot_modes(v.dtype, b_pool.dtype)
+    launch_expand(v, b_pool, b_offsets, ranks, scales, seg_starts, seg_slots, out, config,
+                  seg_block(dims.segments), upcast, precision)
     return out
+
+
+# Launch arguments of a representative call, as compile_check specialises them: a row and
+# segment count that are not multiples of 16, the model's sizes as they are.
+_SOME_ROWS, _SOME_SEGMENTS = 1001, 17
+
+
+def shrink_variants(config: ShrinkConfig, hidden: int, max_rank: int, x_dtype: torch.dtype,
+                    v_dtype: torch.dtype, segments_block: int, arch: int) -> list[KernelVariant]:
+    """The kernels a GPU shrink launch with these parameters compiles (see compile_check).
+
+    Parameters are a launch's: config, H, R_max (v's width), x's (and the pool's) dtype, v's
+    dtype, SEG_BLOCK, and the target sm_<arch>.
+    """
+    from loramux.kernels.compile_check import KernelVariant
+
+    upcast, precision = dot_modes(x_dtype, x_dtype, interpret=False)
+    split_k = config.split_k
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), config.block_k) * config.block_k
+    common = {"ranks_ptr": torch.int32, "seg_starts_ptr": torch.int32,
+              "seg_slots_ptr": torch.int32, "out_ptr": v_dtype, "max_rank": max_rank,
+              "num_rows": _SOME_ROWS, "num_segs": _SOME_SEGMENTS, "stride_out_row": max_rank,
+              "stride_out_col": 1, "BLOCK_M": config.block_m, "BLOCK_R": config.block_r,
+              "SEG_BLOCK": segments_block, "SPLIT_K": split_k}
+    shrink = {**common, "x_ptr": x_dtype, "a_pool_ptr": x_dtype, "a_offsets_ptr": torch.int64,
+              "partial_ptr": torch.float32, "hidden": hidden, "k_per_split": k_per_split,
+              "stride_x_row": hidden, "stride_x_col": 1, "BLOCK_K": config.block_k,
+              "UPCAST": upcast, "PRECISION": precision}
+    if split_k > 1:
+        # The shrink kernel reads SPLIT_K only as SPLIT_K == 1 and then never writes out, so
+        # every split compiles the same code as 2 with any out dtype: one variant for all.
+        shrink.update(SPLIT_K=2, out_ptr=torch.float32)
+    options = {"arch": arch, "num_warps": config.num_warps}
+    variants = [KernelVariant.of(_sgmv_shrink_kernel, shrink, num_stages=config.num_stages,
+                                 **options)]
+    if split_k > 1:
+        reduce = {**common, "partial_ptr": torch.float32}
+        variants.append(KernelVariant.of(_sgmv_shrink_reduce_kernel, reduce, **options))
+    return variants
+
+
+def expand_variants(config: ExpandConfig, out_features: int, max_rank: int,
+                    v_dtype: torch.dtype, pool_dtype: torch.dtype, segments_block: int,
+                    arch: int) -> list[KernelVariant]:
+    """The kernel a GPU expand launch with these parameters compiles (see compile_check).
+
+    out's dtype is the pool's (the model's): it is read and written once per element.
+    """
+    from loramux.kernels.compile_check import KernelVariant
+
+    upcast, precision = dot_modes(v_dtype, pool_dtype, interpret=False)
+    args = {"v_ptr": v_dtype, "b_pool_ptr": pool_dtype, "b_offsets_ptr": torch.int64,
+            "ranks_ptr": torch.int32, "scales_ptr": torch.float32,
+            "seg_starts_ptr": torch.int32, "seg_slots_ptr": torch.int32,
+            "out_ptr": pool_dtype, "out_features": out_features, "max_rank": max_rank,
+            "num_segs": _SOME_SEGMENTS, "stride_v_row": max_rank, "stride_v_col": 1,
+            "stride_out_row": out_features, "stride_out_col": 1, "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n, "BLOCK_R": config.block_r, "SEG_BLOCK": segments_block,
+            "UPCAST": upcast, "PRECISION": precision}
+    return [KernelVariant.of(_sgmv_expand_kernel, args, arch=arch, num_warps=config.num_warps,
+                             num_stages=config.num_stages)]

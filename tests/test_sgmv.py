@@ -18,6 +18,8 @@ from functools import partial
 
 import pytest
 import torch
+from loramux.kernels.checks import OFFSET_ALIGN
+from loramux.kernels.launch import Launcher, TorchSgmvLauncher, make_launcher
 from loramux.kernels.ops import Backend, sgmv_expand, sgmv_shrink
 from loramux.kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 
@@ -135,11 +137,13 @@ def _segment_lengths(case: Case, g: random.Random) -> tuple[int, list[int]]:
 def _place_blocks(
     pool: torch.Tensor, blocks: list[torch.Tensor], start: int, g: random.Random
 ) -> tuple[list[int], int]:
-    """Write blocks into pool at random offsets, in random order, with gaps; return offsets."""
+    """Write blocks into pool at random aligned offsets, in random order, with gaps; return
+    offsets (multiples of OFFSET_ALIGN, which the kernels may assume)."""
     offsets = [0] * len(blocks)
     pos = start
     for k in g.sample(range(len(blocks)), len(blocks)):
         pos += g.randrange(1, 40)  # garbage gap
+        pos += -pos % OFFSET_ALIGN
         offsets[k] = pos
         pool[pos : pos + blocks[k].numel()] = blocks[k].flatten()
         pos += blocks[k].numel()
@@ -161,8 +165,9 @@ def make_problem(case: Case, dtype: torch.dtype, seed: int) -> Problem:
     # Values in the kernel's dtype; the float64 truth is taken from the rounded values.
     a = [(torch.randn(r, hidden) / hidden**0.5).to(dtype) for r in ranks]  # [r, H]
     b = [(torch.randn(out_features, r) / max(r, 1) ** 0.5).to(dtype) for r in ranks]  # [O, r]
-    a_size = sum(t.numel() for t in a) + 40 * num_slots + 50
-    b_size = sum(t.numel() for t in b) + 40 * num_slots + 50
+    slack = (40 + OFFSET_ALIGN) * num_slots + 50  # gaps and alignment (_place_blocks)
+    a_size = sum(t.numel() for t in a) + slack
+    b_size = sum(t.numel() for t in b) + slack
     nan = float("nan")
     if case.shared_pool:
         a_pool = torch.full((a_size + b_size,), nan, dtype=dtype)
@@ -510,7 +515,8 @@ def _int32(t: torch.Tensor | list[int]) -> torch.Tensor:
 
 # Value checks read the metadata, which the launchers only do for CPU metadata (no device sync).
 VALUE_CHECKS = {"out_narrower_than_rank", "slot_out_of_range", "decreasing_starts",
-                "segment_past_rows", "block_past_pool", "v_narrower_than_rank"}
+                "segment_past_rows", "block_past_pool", "v_narrower_than_rank",
+                "offset_unaligned"}
 
 
 BAD_INPUTS: list[tuple[str, str, Callable[[dict[str, torch.Tensor]], None], str]] = [
@@ -539,6 +545,8 @@ BAD_INPUTS: list[tuple[str, str, Callable[[dict[str, torch.Tensor]], None], str]
      "within rows"),
     ("shrink", "block_past_pool", lambda a: a.update(a_pool=a["a_pool"][:-1]),
      "outside the pool"),
+    ("shrink", "offset_unaligned", lambda a: a.update(a_offsets=a["a_offsets"] + 8),
+     f"a_offsets[0] = 8 is not a multiple of {OFFSET_ALIGN}"),
     ("shrink", "slot_count_mismatch", lambda a: a.update(ranks=a["ranks"][:1]),
      "a_offsets has 2 slots"),
     ("expand", "scales_float64", lambda a: a.update(scales=a["scales"].double()),
@@ -552,6 +560,8 @@ BAD_INPUTS: list[tuple[str, str, Callable[[dict[str, torch.Tensor]], None], str]
      "b_offsets must be torch.int64"),
     ("expand", "block_past_pool", lambda a: a.update(b_pool=a["b_pool"][:-1]),
      "outside the pool"),
+    ("expand", "offset_unaligned", lambda a: a.update(b_offsets=a["b_offsets"] + 8),
+     f"b_offsets[0] = 8 is not a multiple of {OFFSET_ALIGN}"),
     ("expand", "out_1d", lambda a: a.update(y=a["y"][0]), "out must be 2-D"),
 ]
 
@@ -582,35 +592,134 @@ def test_unknown_backend_raises() -> None:
 
 @needs_triton
 def test_tuned_table_overrides_the_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A TUNED_CONFIGS entry for this device is what the launcher uses."""
+    """A tuned-table entry for this device and shape is what the checked launchers use."""
     from loramux.kernels import sgmv
+    from loramux.kernels.sgmv_config import ExpandConfig, ShrinkConfig, TunedTable
 
-    def no_heuristic(*args: object) -> None:
-        raise AssertionError("the heuristic ran although a tuned config exists")
-
-    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    table = {name: {("shrink", "prefill"): sgmv.ShrinkConfig(block_m=32, split_k=2),
-                    ("expand", "prefill"): sgmv.ExpandConfig(block_m=32, block_n=32)}}
-    monkeypatch.setattr(sgmv, "TUNED_CONFIGS", table)
-    monkeypatch.setattr(sgmv, "shrink_heuristic", no_heuristic)
-    monkeypatch.setattr(sgmv, "expand_heuristic", no_heuristic)
     p = make_problem(CONFIG_CASE, torch.float32, _seed())
+    rows, segments = p.x.shape[0], p.seg_slots.shape[0]
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    chosen: list[object] = []
+    shrink = ShrinkConfig(block_m=32, split_k=2)
+    expand = ExpandConfig(block_m=32, block_n=32)
+    table = TunedTable().with_entries(name, {
+        sgmv.shape_key("shrink", rows, segments, p.x.shape[1], p.max_rank): shrink,
+        sgmv.shape_key("expand", rows, segments, p.b64[0].shape[0], p.max_rank): expand,
+    })
+    monkeypatch.setattr(sgmv, "TUNED_TABLE", table)
+    launch_shrink, launch_expand = sgmv.launch_shrink, sgmv.launch_expand
+
+    def spy_shrink(*args: object) -> None:
+        chosen.append(args[8])
+        launch_shrink(*args)  # type: ignore[arg-type]
+
+    def spy_expand(*args: object) -> None:
+        chosen.append(args[8])
+        launch_expand(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sgmv, "launch_shrink", spy_shrink)
+    monkeypatch.setattr(sgmv, "launch_expand", spy_expand)
     run_shrink(p, sgmv.sgmv_shrink_triton, p.max_rank, torch.float32)
     run_expand(p, sgmv.sgmv_expand_triton, torch.float32, torch.float32)
+    assert chosen == [shrink, expand]
 
 
 def test_heuristics_fill_an_h100_and_stay_valid() -> None:
     """Decode splits the hidden dimension to fill 132 SMs; prefill splits little; all valid."""
-    pytest.importorskip("triton")
-    from loramux.kernels.checks import SgmvDims
-    from loramux.kernels.sgmv import expand_heuristic, shrink_heuristic
+    from loramux.kernels.sgmv_config import ShapeKey, expand_heuristic, shrink_heuristic
 
-    decode = shrink_heuristic(SgmvDims(rows=32, inner=4096, outer=16, segments=32), 132)
+    decode = shrink_heuristic(ShapeKey("shrink", "decode", 4096, 16, 32), 132)
     assert decode.block_m == 16 and decode.split_k > 1
-    prefill = shrink_heuristic(SgmvDims(rows=4096, inner=4096, outer=64, segments=4), 132)
+    prefill = shrink_heuristic(ShapeKey("shrink", "prefill", 4096, 64, 4096), 132)
     assert prefill.block_m == 64 and prefill.split_k <= 4
-    for rows, segments in [(1, 1), (64, 64), (4096, 1), (5000, 300)]:
-        for rank in (1, 8, 16, 33, 64, 128):
-            dims = SgmvDims(rows=rows, inner=4096, outer=rank, segments=segments)
-            shrink_heuristic(dims, 132)  # __post_init__ validates the block sizes
-            expand_heuristic(SgmvDims(rows=rows, inner=rank, outer=11008, segments=segments))
+    one = expand_heuristic(ShapeKey("expand", "decode", 4096, 16, 1), 132)
+    assert one.block_n < 128  # one decode row: narrower output blocks for more programs
+    for regime in ("decode", "prefill"):
+        for bucket in (1, 64, 4096, 8192):
+            for rank in (16, 32, 64, 128):
+                # __post_init__ validates the block sizes
+                shrink_heuristic(ShapeKey("shrink", regime, 4096, rank, bucket), 132)
+                expand_heuristic(ShapeKey("expand", regime, 11008, rank, bucket), 132)
+
+
+# --- launchers --------------------------------------------------------------------------------
+
+LAUNCHERS = [pytest.param("triton", marks=needs_triton), pytest.param("torch")]
+
+
+def _launcher(kind: str, p: Problem, v_dtype: torch.dtype, **kwargs: object) -> Launcher:
+    """A launcher built for problem p's shapes, as the engine builds one per projection."""
+    rows, hidden = p.x.shape
+    sizes = dict(max_rows=rows, max_segments=p.seg_slots.shape[0], **kwargs)
+    if kind == "torch":
+        return TorchSgmvLauncher(hidden, p.b64[0].shape[0], p.max_rank, **sizes)  # type: ignore[arg-type]
+    from loramux.kernels.launch import SgmvLauncher
+
+    return SgmvLauncher(hidden, p.b64[0].shape[0], p.max_rank, p.x.dtype, p.a_pool.dtype,
+                        v_dtype, DEVICE, **sizes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", LAUNCHERS)
+def test_launcher_matches_float64(kind: str, dtype: torch.dtype, case: Case) -> None:
+    """shrink into the engine's float32 v, expand from it: the reference results."""
+    p = make_problem(case, dtype, _seed())
+    launcher = _launcher(kind, p, torch.float32, debug=True)
+    run_shrink(p, launcher.shrink, p.max_rank, torch.float32)
+    run_expand(p, launcher.expand, torch.float32, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k", [2, 5])
+def test_launcher_uses_tuned_configs_and_its_partials(split_k: int) -> None:
+    """Tuned entries for every bucket replace the heuristics; split-K sums land in the buffer
+    allocated at construction, sized for the largest call."""
+    from loramux.kernels.sgmv_config import REGIMES, ExpandConfig, ShapeKey, ShrinkConfig
+    from loramux.kernels.sgmv_config import TunedTable, heuristic_buckets, rank_bucket
+
+    p = make_problem(CONFIG_CASE, torch.float32, _seed())
+    rows, hidden = p.x.shape
+    segments, out_features = p.seg_slots.shape[0], p.b64[0].shape[0]
+    shrink = ShrinkConfig(block_m=16, block_r=16, block_k=32, split_k=split_k)
+    expand = ExpandConfig(block_m=16, block_n=32, block_r=16)
+    entries: dict[ShapeKey, ShrinkConfig | ExpandConfig] = {}
+    for regime in REGIMES:
+        for bucket in heuristic_buckets(regime, rows if regime == "prefill" else segments):
+            r = rank_bucket(p.max_rank)
+            entries[ShapeKey("shrink", regime, hidden, r, bucket)] = shrink
+            entries[ShapeKey("expand", regime, out_features, r, bucket)] = expand
+    table = TunedTable().with_entries("cpu" if DEVICE.type == "cpu" else
+                                      torch.cuda.get_device_name(), entries)
+    launcher = _launcher("triton", p, torch.float32, table=table)
+    assert launcher.configs_for(rows, segments) == (shrink, expand)
+    partial = launcher._partial.data_ptr()
+    run_shrink(p, launcher.shrink, p.max_rank, torch.float32)
+    run_expand(p, launcher.expand, torch.float32, torch.float32)
+    assert launcher._partial.data_ptr() == partial
+
+
+@pytest.mark.parametrize("kind", LAUNCHERS)
+def test_launcher_refuses_calls_past_its_sizes(kind: str) -> None:
+    p = make_problem(CASES[1], torch.float32, _seed())
+    launcher = _launcher(kind, p, torch.float32)
+    rows, width = p.x.shape[0], p.max_rank
+    x = torch.cat([p.x, p.x])  # twice the rows it was built for
+    with pytest.raises(ValueError, match="exceed the launcher's"):
+        launcher.shrink(x, p.a_pool, p.a_offsets, p.ranks, p.seg_starts, p.seg_slots,
+                        torch.zeros(2 * rows, width, device=DEVICE))
+
+
+@needs_triton
+def test_debug_launcher_checks_dtypes() -> None:
+    p = make_problem(CASES[1], torch.float32, _seed())
+    launcher = _launcher("triton", p, torch.float32, debug=True)
+    v = torch.zeros(p.x.shape[0], p.max_rank, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="the launcher was built for"):
+        launcher.shrink(p.x, p.a_pool, p.a_offsets, p.ranks, p.seg_starts, p.seg_slots, v)
+
+
+def test_make_launcher_picks_torch_for_cpu() -> None:
+    launcher = make_launcher(64, 32, 16, torch.float32, torch.float32, torch.float32,
+                             torch.device("cpu"), max_rows=8, max_segments=4)
+    assert isinstance(launcher, TorchSgmvLauncher)
