@@ -24,6 +24,13 @@ steps x adapter_bytes / rate: `lora_vs_base_bound` is the base time over that.
 
     python loadtest/benchmark_engine.py                 # the issue's setting
     python loadtest/benchmark_engine.py --rounds 1 --new-tokens 32 --skip-peft   # quick look
+
+On a bare GPU machine (no default-model package, no download): --shape 7b / 8b / tiny builds
+a random-weight base of that shape (loadtest/gpu_models.py) directly on --device in --dtype
+(default: cuda and bfloat16 when CUDA is there), --layers of its decoder layers (default
+all), prompts of random token ids, adapters written in PEFT's format with random weights:
+
+    python -m loramux.loadtest.benchmark_engine --shape 7b --layers 8 --rounds 1
 """
 
 from __future__ import annotations
@@ -63,6 +70,19 @@ def _factory() -> Any:
     return adapter_factory
 
 
+def make_random_adapters(config: Any, count: int, ranks: list[int],
+                         root: Path) -> dict[str, Path]:
+    """count adapters for a random-weight base (gpu_models.write_adapter: no PEFT model of
+    the base is built, which a 7B base would make slow), rank ranks[i % len], seed i."""
+    from loramux.adapters.types import BaseSpec
+    from loramux.loadtest.gpu_models import write_adapter
+
+    base = BaseSpec.from_hf_config(config)
+    return {f"bench-{i}": write_adapter(root / f"r{ranks[i % len(ranks)]}-seed{i}", base,
+                                        ranks[i % len(ranks)], seed=i + 1, b_std=0.02)
+            for i in range(count)}
+
+
 def make_adapters(config: Any, count: int, ranks: list[int], root: Path) -> dict[str, Path]:
     """count adapters (rank ranks[i % len], all projections, seed i), cached under root."""
     factory = None
@@ -91,14 +111,17 @@ def adapter_bytes(paths: dict[str, Path], itemsize: int) -> int:
     return total * itemsize
 
 
-def stream_rate(num_bytes: int, reps: int = 7) -> float:
-    """Bytes per second this machine reads a float32 buffer of num_bytes (median of reps)."""
-    buf = torch.ones(num_bytes // 4)
+def stream_rate(num_bytes: int, reps: int = 7, device: str | torch.device = "cpu") -> float:
+    """Bytes per second `device` reads a float32 buffer of num_bytes (median of reps)."""
+    device = torch.device(device)
+    buf = torch.ones(num_bytes // 4, device=device)
     buf.sum()
     times = []
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        buf.sum()
+        buf.sum().item()  # .item(): the read is complete when the clock stops
         times.append(time.perf_counter() - start)
     return num_bytes / statistics.median(times)
 
@@ -118,6 +141,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--shape", default="default",
+                        choices=("default", "tiny", "smollm2", "7b", "8b"),
+                        help="default: the embedded SmolLM2-135M; otherwise a random-weight "
+                             "base of that shape (no download)")
+    parser.add_argument("--layers", type=int, help="decoder layers of a --shape base")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cpu for the default model, cuda (if any) for a --shape")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        default="auto", help="auto: float32 on the CPU, bfloat16 on CUDA")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,24 +160,51 @@ def main() -> None:
     from loramux.engine.config import EngineConfig
     from loramux.engine.engine import LLMEngine
     from loramux.engine.sampling_params import SamplingParams
-    from loramux.engine.default_model import cache_root, ensure_default_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     n, new = args.requests, args.new_tokens
     ranks = [int(r) for r in args.ranks.split(",")]
-    model_dir = ensure_default_model()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    print(f"adapters: {n} x rank {ranks}, all projections", flush=True)
-    paths = make_adapters(model.config, n, ranks, cache_root() / "bench-adapters")
+    device = torch.device("cuda" if args.device == "auto" and args.shape != "default"
+                          and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = (getattr(torch, args.dtype) if args.dtype != "auto" else
+             torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tmp = None
+    if args.shape == "default":
+        from loramux.engine.default_model import cache_root, ensure_default_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = ensure_default_model()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(device).eval()  # type: ignore[arg-type]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model_name = f"SmolLM2-135M ({str(dtype).removeprefix('torch.')}, {device.type.upper()})"
+        print(f"adapters: {n} x rank {ranks}, all projections", flush=True)
+        paths = make_adapters(model.config, n, ranks, cache_root() / "bench-adapters")
+        prompts = [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+    else:
+        import random
+        import tempfile
+
+        from loramux.loadtest.gpu_models import llama_config, random_model
+
+        config = llama_config(args.shape, layers=args.layers)
+        model = random_model(config, device, dtype)
+        tokenizer = None
+        model_name = (f"random {args.shape}, {config.num_hidden_layers} layers "
+                      f"({str(dtype).removeprefix('torch.')}, {device.type})")
+        tmp = tempfile.TemporaryDirectory(prefix="bench-adapters-")
+        print(f"adapters: {n} x rank {ranks}, all projections, random", flush=True)
+        paths = make_random_adapters(config, n, ranks, Path(tmp.name))
+        rng = random.Random(0)  # equal lengths: PEFT's batch needs no padding
+        prompt_ids = [[rng.randrange(3, config.vocab_size) for _ in range(24)]
+                      for _ in range(n)]
     names = list(paths)
-    prompts = [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
 
     registry = AdapterRegistry(
         RegistryConfig(adapters=tuple(paths.items()), max_gpu_adapters=n, max_cpu_adapters=n,
                        max_lora_rank=max(ranks)),
-        BaseSpec.from_hf_config(model.config), "cpu", torch.float32)
+        BaseSpec.from_hf_config(model.config), device, dtype)
     registry.start()
     for name in names:  # page everything in before timing (cold loads are not measured here)
         ref = registry.resolve(name)
@@ -154,6 +213,9 @@ def main() -> None:
     kv_tokens = n * (max(len(p) for p in prompt_ids) + new + 16)
     config = EngineConfig(max_num_seqs=n, max_num_batched_tokens=4096, kv_cache_tokens=kv_tokens)
     engine = LLMEngine(model, config, tokenizer=tokenizer, adapters=registry)
+    warm_up = getattr(engine, "warm_up", None)
+    if callable(warm_up):  # compiles kernels and captures the decode graphs (CUDA)
+        warm_up()
     adapters: dict[str, list[str | None]] = {"loramux-lora": list(names),
                                              "loramux-base": [None] * n}
     # min_tokens = max_tokens holds EOS back like PEFT's min_new_tokens: exactly `new` tokens.
@@ -167,20 +229,27 @@ def main() -> None:
         from peft import PeftModel
 
         print("loading the adapters into PEFT", flush=True)
-        peft = PeftModel.from_pretrained(copy.deepcopy(model), str(paths[names[0]]),
-                                         adapter_name=names[0])
+        # On CUDA PEFT wraps the engine's model in place (no second copy of the base in GPU
+        # memory): the engine keeps its own references to the unwrapped modules.
+        base = model if device.type == "cuda" else copy.deepcopy(model)
+        peft = PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
         for name in names[1:]:
             peft.load_adapter(str(paths[name]), adapter_name=name)
         peft.eval()
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        else:
+            ids = torch.tensor(prompt_ids)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch = {k: v.to(device) for k, v in batch.items()}
 
         def run_peft() -> list[list[int]]:
             with torch.inference_mode():
                 out = peft.generate(**batch, adapter_names=names, max_new_tokens=new,
-                                    min_new_tokens=new, do_sample=False)
+                                    min_new_tokens=new, do_sample=False, pad_token_id=0)
             return out[:, batch["input_ids"].shape[1]:].tolist()
 
         runs["peft"] = run_peft
@@ -207,13 +276,15 @@ def main() -> None:
         for name in order:
             record(r, name, *timed(runs[name]))
     registry.close()
-    lora_bytes = adapter_bytes(paths, torch.finfo(torch.float32).bits // 8)
-    rate = stream_rate(lora_bytes)
+    lora_bytes = adapter_bytes(paths, torch.finfo(dtype).bits // 8)
+    rate = stream_rate(lora_bytes, device=device)
+    if tmp is not None:
+        tmp.cleanup()
 
     tps = {k: n * new / statistics.median(w for w, _ in v) for k, v in results.items()}
     cpu_tps = {k: n * new / statistics.median(c for _, c in v) for k, v in results.items()}
     report: dict[str, Any] = {
-        "model": "SmolLM2-135M (float32, CPU)", "requests": n, "new_tokens": new,
+        "model": model_name, "requests": n, "new_tokens": new,
         "adapter_ranks": ranks, "rounds": args.rounds, "threads": torch.get_num_threads(),
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
         "tokens_per_cpu_s": {k: round(v, 1) for k, v in cpu_tps.items()},

@@ -1,8 +1,10 @@
 """Page-in time of one adapter: disk -> host and host -> device.
 
-The adapter is a random rank-16 LoRA on all seven projections of SmolLM2-135M (30 layers,
-hidden 576, kv 192, intermediate 1536), written in PEFT's format (fp32 safetensors, PEFT keys)
-to a temporary folder. Measured, median over --iters runs:
+The adapter is a random rank-16 LoRA on all seven projections of the base chosen by --shape
+(smollm2: SmolLM2-135M, 30 layers, hidden 576, the default; 7b: Llama-2-7B; 8b: Llama-3-8B;
+tiny: a CPU-test size), written in PEFT's format (fp32 safetensors, PEFT keys) to a temporary
+folder. Only the base's shape matters here: no model is loaded. Measured, median over
+--iters runs:
 
   disk -> host (cold)   read_adapter + pack with the file evicted from the page cache first
                         (posix_fadvise DONTNEED): sha256, parse, validate, pack into one
@@ -13,7 +15,8 @@ to a temporary folder. Measured, median over --iters runs:
                         the other adapter and pages this one in; wall time until acquire() gives
                         a slot (includes waking the thread)
 
-Run:  .venv/bin/python -m loramux.loadtest.benchmark_pagein [--device cuda] [--iters 20]
+Run:  .venv/bin/python -m loramux.loadtest.benchmark_pagein [--shape 7b] [--device cuda]
+      [--iters 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,40 +28,19 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from loramux.adapters.config import RegistryConfig
 from loramux.adapters.host_cache import HostAdapter, pack
 from loramux.adapters.peft import ValidationLimits, read_adapter
 from loramux.adapters.pool import DevicePool
 from loramux.adapters.registry import AdapterRegistry
-from loramux.adapters.types import MODULE_PARENTS, MODULES, BaseSpec
+from loramux.adapters.types import MODULES, BaseSpec
+from loramux.loadtest.gpu_models import SHAPES, llama_config, write_adapter
 
-SMOLLM2_135M = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                               intermediate_size=1536, num_hidden_layers=30, head_dim=64)
-
-
-def write_adapter(path: Path, base: BaseSpec, rank: int, seed: int) -> Path:
-    """A random PEFT LoRA adapter on every projection, as `save_pretrained` lays it out."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(base.num_layers):
-        for module in MODULES:
-            n_in, n_out = base.shapes[module]
-            key = f"base_model.model.model.layers.{layer}.{MODULE_PARENTS[module]}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) / n_in**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_rslora": False,
-              "target_modules": list(MODULES), "bias": "none", "use_dora": False,
-              "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
-              "alpha_pattern": {}, "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
+__all__ = ["measure", "write_adapter"]
 
 
 def _evict_page_cache(path: Path) -> None:
@@ -73,20 +55,18 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    base = BaseSpec.from_hf_config(SMOLLM2_135M)
-    limits = ValidationLimits(max_lora_rank=max(64, args.rank))
-    pin = device.type == "cuda"
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [write_adapter(Path(tmp) / f"a{i}", base, args.rank, seed=i) for i in range(2)]
+
+def measure(base: BaseSpec, device: torch.device, dtype: torch.dtype, *, rank: int = 16,
+            iters: int = 20, tmp: Path | None = None) -> dict[str, Any]:
+    """Every figure of the module docstring for a rank-`rank` adapter on `base`, in ms."""
+    limits = ValidationLimits(max_lora_rank=max(64, rank))
+    pin = device.type == "cuda"
+    with tempfile.TemporaryDirectory(dir=tmp) as folder:
+        paths = [write_adapter(Path(folder) / f"a{i}", base, rank, seed=i) for i in range(2)]
         weights = paths[0] / "adapter_model.safetensors"
         file_mib = weights.stat().st_size / 2**20
 
@@ -98,29 +78,30 @@ def main() -> None:
             return time.perf_counter() - start, host
 
         disk_to_host(cold=False)  # first touch: imports, allocator warm-up
-        cold = [disk_to_host(cold=True)[0] for _ in range(args.iters)]
-        warm = [disk_to_host(cold=False)[0] for _ in range(args.iters)]
+        cold = [disk_to_host(cold=True)[0] for _ in range(iters)]
+        warm = [disk_to_host(cold=False)[0] for _ in range(iters)]
         _, host = disk_to_host(cold=False)
 
         numel = host.layout.numel
-        pool = DevicePool(base, num_slots=1, capacity_elements=numel, max_rank=args.rank,
+        pool = DevicePool(base, num_slots=1, capacity_elements=numel, max_rank=rank,
                           device=device, dtype=dtype)
         copies = []
-        for i in range(args.iters + 1):
+        for i in range(iters + 1):
             resident = pool.place("a", numel, 0.0)
+            _sync(device)
             start = time.perf_counter()
-            pool.write(resident, host)
+            pool.write(resident, host)  # returns once the copy is complete
             if i:  # the first copy pays for CUDA context / stream set-up
                 copies.append(time.perf_counter() - start)
             pool.evict("a")
 
         # Through the registry: one slot, two adapters, alternate -> every acquire pages in.
         config = RegistryConfig(max_gpu_adapters=1, max_cpu_adapters=2,
-                                max_lora_rank=max(64, args.rank))
+                                max_lora_rank=max(64, rank))
         waits = []
         with AdapterRegistry(config, base, device, dtype) as registry:
             refs = [registry.load(f"a{i}", p, trusted=True).ref for i, p in enumerate(paths)]
-            for i in range(args.iters + 1):
+            for i in range(iters + 1):
                 ref = refs[i % 2]
                 start = time.perf_counter()
                 assert registry.acquire(ref) is None
@@ -131,18 +112,49 @@ def main() -> None:
             registry_copies = list(registry.stats.page_in_seconds)[1:]
 
     mib = host.nbytes / 2**20
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name}), dtype {args.dtype}, torch {torch.__version__}, "
-          f"{args.iters} iterations, medians")
-    print(f"adapter: rank {args.rank}, {len(MODULES)} modules x {base.num_layers} layers, "
-          f"file {file_mib:.2f} MiB (fp32), packed {mib:.2f} MiB ({args.dtype})")
-    print(f"disk -> host, cold page cache : {_median_ms(cold):8.2f} ms")
-    print(f"disk -> host, warm page cache : {_median_ms(warm):8.2f} ms")
     copy_ms = _median_ms(copies)
-    rate = mib / 1024 / (copy_ms / 1e3)
-    print(f"host -> device, one copy      : {copy_ms:8.3f} ms  ({rate:.1f} GiB/s)")
-    print(f"host -> device, registry copy : {_median_ms(registry_copies):8.3f} ms")
-    print(f"host -> device, acquire wait  : {_median_ms(waits):8.3f} ms  (evict + page-in + wake)")
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "iters": iters, "rank": rank, "modules": len(MODULES), "layers": base.num_layers,
+        "pinned_host_buffer": pin, "file_mib": round(file_mib, 2), "packed_mib": round(mib, 2),
+        "disk_to_host_cold_ms": round(_median_ms(cold), 3),
+        "disk_to_host_warm_ms": round(_median_ms(warm), 3),
+        "host_to_device_copy_ms": round(copy_ms, 3),
+        "host_to_device_gib_per_s": round(mib / 1024 / (copy_ms / 1e3), 2),
+        "host_to_device_registry_copy_ms": round(_median_ms(registry_copies), 3),
+        "acquire_wait_ms": round(_median_ms(waits), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
+                        help="the base whose adapter is paged (smollm2: SmolLM2-135M)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    base = BaseSpec.from_hf_config(llama_config(args.shape))
+    r = measure(base, torch.device(args.device), getattr(torch, args.dtype), rank=args.rank,
+                iters=args.iters)
+    print(f"device {r['device']} ({r['device_name']}), dtype {r['dtype']}, torch {r['torch']}, "
+          f"{r['iters']} iterations, medians")
+    print(f"adapter: {args.shape}, rank {r['rank']}, {r['modules']} modules x {r['layers']} "
+          f"layers, file {r['file_mib']:.2f} MiB (fp32), packed {r['packed_mib']:.2f} MiB "
+          f"({r['dtype']})")
+    print(f"disk -> host, cold page cache : {r['disk_to_host_cold_ms']:8.2f} ms")
+    print(f"disk -> host, warm page cache : {r['disk_to_host_warm_ms']:8.2f} ms")
+    print(f"host -> device, one copy      : {r['host_to_device_copy_ms']:8.3f} ms  "
+          f"({r['host_to_device_gib_per_s']:.1f} GiB/s)")
+    print(f"host -> device, registry copy : {r['host_to_device_registry_copy_ms']:8.3f} ms")
+    print(f"host -> device, acquire wait  : {r['acquire_wait_ms']:8.3f} ms  "
+          "(evict + page-in + wake)")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": args.shape, **r}, indent=2))
 
 
 if __name__ == "__main__":
