@@ -1,5 +1,9 @@
 """Paged attention over the flat token batch: metadata built once per step, used by every layer.
 
+The engine's runner fills the metadata's tensors in place, in buffers allocated once
+(engine/graphs.py `StepInputs`), so a CUDA graph can replay a decode step; `build_metadata`
+builds fresh tensors from lists (tests, the Triton attention's own tests).
+
 Backend contract (a Triton implementation in engine/triton_attention.py takes the same
 arguments and reads only the device fields of `AttentionMetadata`):
 
@@ -87,7 +91,8 @@ def build_metadata(query_lens: list[int], context_lens: list[int], block_tables:
                  + (ctx_lens - q_lens)[seq_of_row])  # [T]
     slot_mapping = (table[seq_of_row, positions // block_size] * block_size
                     + positions % block_size)  # [T]
-    plan = _torch_plan(query_lens, context_lens, table, ctx_lens, block_size) if torch_plan else None
+    plan = (build_torch_plan(query_lens, context_lens, table, ctx_lens, block_size)
+            if torch_plan else None)
     return AttentionMetadata(
         positions=positions.to(device),
         slot_mapping=slot_mapping.to(device),
@@ -96,7 +101,7 @@ def build_metadata(query_lens: list[int], context_lens: list[int], block_tables:
         block_tables=table.to(torch.int32).to(device),
         max_query_len=max(query_lens),
         max_context_len=max(context_lens),
-        plan=None if plan is None else _to_device(plan, device),
+        plan=None if plan is None else plan_to_device(plan, device),
     )
 
 
@@ -106,8 +111,10 @@ def _cache_rows(table: torch.Tensor, length: int, block_size: int) -> torch.Tens
     return table[:, pos // block_size] * block_size + pos % block_size
 
 
-def _torch_plan(query_lens: list[int], context_lens: list[int], table: torch.Tensor,
-                ctx_lens: torch.Tensor, block_size: int) -> TorchAttentionPlan:
+def build_torch_plan(query_lens: list[int], context_lens: list[int], table: torch.Tensor,
+                     ctx_lens: torch.Tensor, block_size: int) -> TorchAttentionPlan:
+    """The torch path's gather indices and masks for sequences in batch order, on the CPU:
+    table [B, >= max blocks] block tables, ctx_lens [B] (context_lens as a tensor)."""
     decode_seqs = [b for b, n in enumerate(query_lens) if n == 1]
     decode: DecodeGroup | None = None
     if decode_seqs:
@@ -141,7 +148,8 @@ def _torch_plan(query_lens: list[int], context_lens: list[int], table: torch.Ten
     return TorchAttentionPlan(decode=decode, prefills=tuple(prefills))
 
 
-def _to_device(plan: TorchAttentionPlan, device: torch.device) -> TorchAttentionPlan:
+def plan_to_device(plan: TorchAttentionPlan, device: torch.device) -> TorchAttentionPlan:
+    """The plan's tensors on `device` (the same plan on the CPU)."""
     if device.type == "cpu":
         return plan
     d = plan.decode

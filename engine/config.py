@@ -24,6 +24,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_tokens: int | None = None  # None: sized from free memory (CUDA) or 64k (CPU)
     block_size: int = 16
+    # CUDA: decode steps replay CUDA graphs captured by LLMEngine.warm_up; True keeps every
+    # step eager (as vLLM's --enforce-eager). The CPU always runs eagerly.
+    enforce_eager: bool = False
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def __post_init__(self) -> None:

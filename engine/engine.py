@@ -24,12 +24,12 @@ from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.kv_cache import KVCache
 from loramux.engine.lora import KernelLora, LoraBackend
-from loramux.engine.lora_cpu import GatherLora
+from loramux.engine.lora_cpu import StackedLora
 from loramux.engine.model import ModelRunner, check_supported, load_hf_model
 from loramux.engine.request import RequestOutput, SeqStatus, Sequence
 from loramux.engine.sampler import Sampler, SamplerOutput, SamplingState
 from loramux.engine.sampling_params import SamplingParams
-from loramux.engine.scheduler import Scheduler, SchedulerOutput
+from loramux.engine.scheduler import ScheduledSeq, Scheduler
 from loramux.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,14 @@ class LLMEngine:
         num_blocks = max(1, kv_tokens // config.block_size)
         self.kv = KVCache(shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads,
                           shape.head_dim, dtype, device)
-        lora = _lora_backend(lora_backend, adapters, model.config, device)
+        lora = _lora_backend(lora_backend, adapters, model.config, dtype, device)
         self.runner = ModelRunner(
             model, self.kv, lora, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_lora_rank=adapters.tables.max_rank if adapters is not None else 1,
             max_model_len=min(config.max_model_len or shape.max_model_len,
                               self.kv.capacity_tokens),
-            attention=_attention_backend(device))
+            attention=_attention_backend(device), enforce_eager=config.enforce_eager)
         # A sequence never outgrows the context length nor the whole KV cache, so the oldest
         # running sequence can always make progress (it may preempt all others).
         self.max_seq_len = self.runner.shape.max_model_len
@@ -187,17 +187,18 @@ class LLMEngine:
         outputs = [self._fail(seq) for seq in batch.failed]
         if batch.empty:
             return outputs
-        self.runner.prepare_adapters(batch.scheduled)
-        logits = self.runner.run(batch.scheduled)  # [B, V]
-        sampling = [s.seq.sampling for s in batch.scheduled if s.samples]
-        sampled = self.sampler.sample(logits, sampling)
-        return outputs + self._postprocess(batch, sampled)
+        rows = self.runner.prepare_adapters(batch.scheduled)  # the batch in row order
+        logits = self.runner.run(rows)  # [B, V]
+        sampled = self.sampler.sample(logits, [s.seq.sampling for s in rows if s.samples])
+        return outputs + self._postprocess(rows, sampled)
 
-    def _postprocess(self, batch: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+    def _postprocess(self, rows: list[ScheduledSeq], sampled: SamplerOutput
+                     ) -> list[RequestOutput]:
+        """Apply a step's tokens: `rows` in the order the logits' rows were computed."""
         outputs: list[RequestOutput] = []
         row = 0
         now = time.monotonic()
-        for s in batch.scheduled:
+        for s in rows:
             seq = s.seq
             seq.num_computed = s.start + s.num_tokens
             if not s.samples:
@@ -283,6 +284,57 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             error=seq.error, error_code=seq.error_code)
 
+    # ------------------------------------------------------------------ start-up
+
+    def warm_up(self) -> None:
+        """Run each kind of step a request can hit once, then capture the decode graphs (CUDA),
+        so that nothing compiles on the first requests. Call once, before taking requests.
+
+        Steps: prefills of one and of two sequences (an odd and a 16-multiple token count),
+        base and with a LoRA segment, then a decode step per batch bucket, base and with
+        LoRA (every bucket when decodes will run eagerly on CUDA; on the CPU, where nothing
+        compiles, the smallest only; graph capture runs each bucket itself). The LoRA rows use
+        slot 0 whatever it holds (a free slot has rank 0 everywhere): the warm-up's results
+        are discarded. Its K/V go to the KV cache's dummy block, which no sequence reads, so
+        no block is allocated and no adapter reference is taken.
+        """
+        started = time.monotonic()
+        runner = self.runner
+        tables = self.adapters.tables if self.adapters is not None else None
+        slots = [-1] if tables is None or tables.ranks.shape[-1] == 0 else [-1, 0]
+        budget = self.config.max_num_batched_tokens
+        longest = max(1, min(budget // 2, self.max_seq_len - 1))
+        for slot in slots:
+            self._warm_step([(min(17, longest), slot)], decode=False)
+            if self.config.max_num_seqs >= 2:  # a step never holds more than max_num_seqs
+                self._warm_step([(min(16, longest), -1), (min(16, longest), slot)],
+                                decode=False)
+        eager_cuda = self.kv.k.device.type == "cuda" and not runner.can_capture
+        for bucket in runner.buckets if eager_cuda else runner.buckets[:1]:
+            for slot in slots:  # LoRA: every other row (base rows in between: two kinds)
+                self._warm_step([(1, slot if i % 2 == 0 else -1) for i in range(bucket)],
+                                decode=True)
+        runner.capture_graphs()
+        log.info("warm-up done in %.1f s%s", time.monotonic() - started,
+                 " (decode steps replay CUDA graphs)" if runner.graphs is not None else "")
+
+    def _warm_step(self, seqs: list[tuple[int, int]], *, decode: bool) -> None:
+        """One runner step over throw-away sequences: (length, slot) each; a decode step
+        decodes one token after `length` cached ones."""
+        bs = self.config.block_size
+        scheduled = []
+        for i, (length, slot) in enumerate(seqs):
+            total = length + 1 if decode else length
+            params = SamplingParams(max_tokens=1, temperature=0.0)
+            seq = Sequence(request_id=f"warm-up-{i}", prompt_token_ids=[0] * total,
+                           params=params, adapter=None, arrival=-1,
+                           sampling=SamplingState(params, [0] * total),
+                           block_table=[self.kv.dummy_block] * -(-total // bs),
+                           slot=slot if slot >= 0 else None)
+            scheduled.append(ScheduledSeq(seq, length if decode else 0, 1 if decode else length))
+        scheduled.sort(key=lambda s: s.seq.slot_key)  # grouped by slot, as the scheduler does
+        self.runner.run(self.runner.prepare_adapters(scheduled))
+
     # ------------------------------------------------------------------ conveniences
 
     def stats(self) -> EngineStats:
@@ -344,17 +396,18 @@ def _default_kv_tokens(layers: int, kv_heads: int, head_dim: int, dtype: torch.d
 
 
 def _lora_backend(name: str, adapters: AdapterSource | None, hf_config: Any,
-                  device: torch.device) -> LoraBackend | None:
-    """Chosen once: gather (BGMV) + kernels on CPU, the Triton kernels on CUDA."""
+                  dtype: torch.dtype, device: torch.device) -> LoraBackend | None:
+    """Chosen once: stacked adapters (BGMV) + kernels on CPU, the Triton kernels on CUDA."""
     if adapters is None:
         return None
     if name == "auto":
-        name = "gather" if device.type == "cpu" else "kernels"
-    if name == "gather":
-        return GatherLora(adapters.tables, BaseSpec.from_hf_config(hf_config))
+        name = "stacked" if device.type == "cpu" else "kernels"
+    base = BaseSpec.from_hf_config(hf_config)
+    if name == "stacked":
+        return StackedLora(adapters.tables, base)
     if name == "kernels":
-        return KernelLora(adapters.tables)
-    raise ValueError(f"lora_backend must be 'auto', 'gather' or 'kernels', got {name!r}")
+        return KernelLora(adapters.tables, base, dtype, device)
+    raise ValueError(f"lora_backend must be 'auto', 'stacked' or 'kernels', got {name!r}")
 
 
 def _attention_backend(device: torch.device) -> Any:

@@ -64,23 +64,28 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Key and value tensors of every layer, `[L, 1 + num_blocks, block_size, nKV, D]` each.
+    """Key and value tensors of every layer, `[L, 2 + num_blocks, block_size, nKV, D]` each.
 
     Block 0 is the null block: never allocated, all zeros. Padded positions of the torch
     attention path read it (they are masked, but a masked value must still be finite: 0 * NaN
-    would poison the row). Every other row is written before it is read, so the rest of the
-    cache is left uninitialised, and on the CPU its memory is committed only as it is used.
+    would poison the row). The last block, `dummy_block`, is never allocated either: the
+    padding rows of a decode step padded to its batch bucket write their K/V to its row 0 and
+    attend to that row alone, and the warm-up's throw-away sequences write there too; no real
+    sequence ever reads it. Blocks 1..num_blocks are the allocator's. Every other row is written before it is read, so the rest of the cache is
+    left uninitialised, and on the CPU its memory is committed only as it is used.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, 1 + num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, 2 + num_blocks, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, 1 + NB, bs, nKV, D]
-        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, 1 + NB, bs, nKV, D]
-        self.k[:, 0].zero_()
-        self.v[:, 0].zero_()
+        self.dummy_block = 1 + num_blocks
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, 2 + NB, bs, nKV, D]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, 2 + NB, bs, nKV, D]
+        for block in (0, self.dummy_block):
+            self.k[:, block].zero_()
+            self.v[:, block].zero_()
         self.allocator = BlockAllocator(num_blocks, first_id=1)
 
     @property

@@ -47,7 +47,13 @@ from typing import TypeAlias
 
 import torch
 from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
-from loramux.engine.lora import LoraMeta, SlotGroup, lora_apply, segments_in_order
+from loramux.engine.lora import (
+    LoraMeta,
+    SlotGroup,
+    make_launchers,
+    projection_tables,
+    segments_in_order,
+)
 
 BGMV_MAX_SEGMENT_ROWS = 4  # groups this short always go through the stacks
 # Padded rows a bucket may compute per group of more than BGMV_MAX_SEGMENT_ROWS rows it takes from
@@ -99,12 +105,24 @@ class _BucketPlan:
     active: list[list[bool]]  # [L][M] some adapter with a row here has rank > 0 there
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """StackedLora's share of one step: the stacks' work and the kernels' segments."""
+
+    buckets: list[_BucketPlan]  # in rank order
+    # int32 [N]: meta.seg_slots with the stacked segments (and padding) at -1; None: no
+    # segment goes to the kernels
+    sgmv_slots: torch.Tensor | None
+
+
 def _bucket_rank(rank: int) -> int:
     return 1 << max(rank - 1, 0).bit_length()
 
 
-class GatherLora:
-    """The CPU LoraBackend (see the module docstring)."""
+class StackedLora:
+    """The CPU LoraBackend: adapters stacked per rank bucket (see the module docstring)."""
+
+    graph_safe = False  # each step's plan has its own shapes and index tensors
 
     def __init__(self, tables: LoraTables, base: BaseSpec, *,
                  pad_rows_per_group: int = PAD_ROWS_PER_GROUP) -> None:
@@ -114,11 +132,16 @@ class GatherLora:
         self.dims = [base.shapes[m] for m in MODULES]  # (in, out) per module
         self.buckets: dict[int, _Bucket] = {}
         self.where: dict[int, tuple[int, int]] = {}  # slot -> (bucket rank, position)
+        self.plan = StepPlan([], None)  # the last prepared step's
+        # the groups too long to stack go through the kernels (the torch path on the CPU)
+        self.proj = projection_tables(tables, base.num_layers)
+        self.launchers = make_launchers(base, tables, tables.pool.dtype, tables.pool.device)
 
-    def prepare(self, groups: list[SlotGroup], meta: LoraMeta) -> list[int]:
+    def prepare(self, groups: list[SlotGroup], meta: LoraMeta, pad_to: int | None) -> list[int]:
         """Place the stacked groups' adapters (`_stacked`) in the stacks and lay the batch out
         as: kernel and base groups first, then stacked groups by (bucket, position), so that
-        each bucket's rows are one contiguous range in the order of its positions."""
+        each bucket's rows are one contiguous range in the order of its positions (the
+        padding rows of a decode padded to `pad_to` rows come after all of them)."""
         bucket_of = {g.slot: _bucket_rank(int(self.tables.ranks[:, :, g.slot].max()))
                      for g in groups if g.slot >= 0}  # slot -> its bucket's rank R
         short = self._stacked(groups, bucket_of)
@@ -138,11 +161,16 @@ class GatherLora:
         order += sorted((i for i, g in enumerate(groups) if g.slot in short),
                         key=lambda i: self.where[groups[i].slot])
         segments = segments_in_order(groups, order)
-        meta.fill(segments, not_for_kernels=short)
+        meta.fill(segments, pad_to)
         starts = {slot: start for start, _, slot in segments}
-        meta.plan = [self._plan(b, short, starts) for b in sorted(self.buckets.values(),
-                                                                    key=lambda b: b.rank)
-                     if any(e is not None and e[0] in short for e in b.entries)]
+        kernel_slots = [-1 if slot in short else slot for _, _, slot in segments]
+        kernel_slots += [-1] * (meta.num_segments - len(segments))  # padding segments
+        self.plan = StepPlan(
+            buckets=[self._plan(b, short, starts)
+                     for b in sorted(self.buckets.values(), key=lambda b: b.rank)
+                     if any(e is not None and e[0] in short for e in b.entries)],
+            sgmv_slots=(torch.tensor(kernel_slots, dtype=torch.int32, device=meta.device)
+                        if any(s >= 0 for s in kernel_slots) else None))
         return order
 
     def _stacked(self, groups: list[SlotGroup],
@@ -157,7 +185,7 @@ class GatherLora:
         """
         by_bucket: dict[int, list[SlotGroup]] = {}
         for g in groups:
-            if g.slot >= 0:
+            if g.slot >= 0 and g.ref is not None:  # a warm-up's slot (no ref) is not copied
                 by_bucket.setdefault(bucket_of[g.slot], []).append(g)
         short: dict[int, SlotGroup] = {}
         for members in by_bucket.values():
@@ -176,7 +204,7 @@ class GatherLora:
     def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta, layer: int,
               module: int) -> None:
         plan: _BucketPlan
-        for plan in meta.plan or ():
+        for plan in self.plan.buckets:
             if not plan.active[layer][module]:
                 continue
             n, k, r0, r1 = plan.num_pos, plan.k, plan.r0, plan.r1
@@ -193,8 +221,12 @@ class GatherLora:
                 out[r0:r1] += delta
             else:  # one rounding, into out's dtype
                 out[r0:r1] = (out[r0:r1].float() + delta).to(out.dtype)
-        if meta.sgmv_active:
-            lora_apply(x, out, meta, self.tables, layer, module, meta.sgmv_slots)
+        slots = self.plan.sgmv_slots
+        if slots is not None:
+            t, launch, v = self.proj[layer][module], self.launchers[module], meta.shrink_out
+            pool = self.tables.pool
+            launch.shrink(x, pool, t.a_offsets, t.ranks, meta.seg_starts, slots, v)
+            launch.expand(v, pool, t.b_offsets, t.ranks, t.scales, meta.seg_starts, slots, out)
 
     # ------------------------------------------------------------------ placement
 

@@ -12,6 +12,8 @@ Reading order of `forward` (gpt-fast style, shapes in comments):
                 h += down_proj(act(gate_proj(norm h)) * up_proj(norm h))
     logits = lm_head(norm(h)[sample_rows])               [B, V] float32
 Each projection is `module(x)` then `lora.apply(x, out, ...)` when the step has adapters.
+The inputs come from buffers allocated once and refilled each step (engine/graphs.py), so a
+padded decode step can replay a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,14 +27,10 @@ from typing import Any
 
 import torch
 from loramux.adapters.types import MODULES
-from loramux.engine.attention import (
-    AttentionMetadata,
-    build_metadata,
-    paged_attention_torch,
-    store_kv,
-)
+from loramux.engine.attention import AttentionMetadata, paged_attention_torch, store_kv
 from loramux.engine.config import EngineConfig
-from loramux.engine.kv_cache import KVCache
+from loramux.engine.graphs import DecodeGraphs, StepInputs, bucket_of, decode_buckets
+from loramux.engine.kv_cache import KVCache, blocks_for
 from loramux.engine.lora import LoraBackend, LoraMeta, SlotGroup
 from loramux.engine.scheduler import ScheduledSeq
 from torch import nn
@@ -129,12 +127,18 @@ class ModelRunner:
 
     The HF module tree is read once here; later changes to it (e.g. PEFT injecting layers into
     the same object) do not affect the runner. `lora` is None for a base-only engine.
+
+    Every step's inputs go through buffers allocated once (`StepInputs`, `LoraMeta`). A decode
+    step (every sequence one new token, each sampling) of at most `buckets[-1]` sequences is
+    padded to its bucket, and replays that bucket's CUDA graph once `capture_graphs` ran (on
+    the CPU, or without graphs, the same padded inputs run eagerly).
     """
 
     def __init__(self, hf_model: Any, kv: KVCache, lora: LoraBackend | None = None, *,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_lora_rank: int = 64, max_model_len: int | None = None,
-                 attention: AttentionFn = paged_attention_torch) -> None:
+                 attention: AttentionFn = paged_attention_torch,
+                 enforce_eager: bool = False) -> None:
         self.shape = check_supported(hf_model.config)
         if max_model_len is not None:
             self.shape = dataclasses.replace(
@@ -147,12 +151,24 @@ class ModelRunner:
         self.kv = kv
         self.lora = lora
         self.attention = attention
-        self.torch_attention = attention is paged_attention_torch  # needs the per-step plan
-        self.lora_meta = LoraMeta(max_num_seqs, max_num_batched_tokens, max_lora_rank,
-                                  inner.embed_tokens.weight.device) if lora is not None else None
         self.scale = self.shape.head_dim ** -0.5
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
+        self.buckets = decode_buckets(max_num_seqs)
+        # a padded decode has buckets[-1] == max_num_seqs rows, which may pass the token budget
+        max_rows = max(max_num_batched_tokens, max_num_seqs)
+        self.inputs = StepInputs(max_num_seqs, max_rows,
+                                 blocks_for(self.shape.max_model_len, kv.block_size),
+                                 kv.block_size, kv.dummy_block, self.device,
+                                 torch_plan=attention is paged_attention_torch)
+        self.lora_meta = LoraMeta(max_num_seqs, max_rows, max_lora_rank,
+                                  self.device) if lora is not None else None
+        # graphs need CUDA, an attention that reads only device tensors (not the torch path)
+        # and a LoRA backend that replays (not the stacked CPU one)
+        self.can_capture = (self.device.type == "cuda" and not enforce_eager
+                            and attention is not paged_attention_torch
+                            and (lora is None or lora.graph_safe))
+        self.graphs: DecodeGraphs | None = None
         # cos/sin for every position, computed once by the model's own rotary embedding (so
         # linear / llama3 / yarn scaling and attention_scaling are exactly transformers').
         positions = torch.arange(self.shape.max_model_len, device=self.device)[None]
@@ -170,15 +186,24 @@ class ModelRunner:
             proj=projs, act=mlp.act_fn,
             q_norm=attn.q_norm if qwen3 else None, k_norm=attn.k_norm if qwen3 else None)
 
-    def prepare_adapters(self, scheduled: list[ScheduledSeq]) -> None:
-        """Let the LoRA backend make the step's adapters usable and order the slot groups.
+    # ------------------------------------------------------------------ a step
 
-        `scheduled` comes grouped by slot (the scheduler sorts it); the backend may reorder
-        whole groups (GatherLora lays stacked groups out in the order of its stacks), and
-        `scheduled` is rearranged in place to match, so each slot stays one segment.
+    def bucket_for(self, scheduled: list[ScheduledSeq]) -> int | None:
+        """The batch bucket a decode step is padded to; None: the step runs as it is."""
+        if not all(s.num_tokens == 1 and s.samples for s in scheduled):
+            return None
+        return bucket_of(len(scheduled), self.buckets)
+
+    def prepare_adapters(self, scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """The step's sequences in row order, after the LoRA backend made their adapters
+        usable and filled the segment metadata for that order.
+
+        `scheduled` comes grouped by slot (the scheduler sorts it) and is not changed; the
+        backend may reorder whole groups (StackedLora lays stacked groups out in the order of
+        its stacks), so each slot stays one segment. Pass the returned list to `run`.
         """
         if self.lora is None or self.lora_meta is None:
-            return
+            return scheduled
         groups: list[list[ScheduledSeq]] = []
         for s in scheduled:
             if groups and groups[-1][0].seq.slot_key == s.seq.slot_key:
@@ -188,31 +213,55 @@ class ModelRunner:
         order = self.lora.prepare(
             [SlotGroup(g[0].seq.slot_key, g[0].seq.adapter if g[0].seq.slot_key >= 0 else None,
                        sum(s.num_tokens for s in g)) for g in groups],
-            self.lora_meta)
-        scheduled[:] = [s for i in order for s in groups[i]]
+            self.lora_meta, self.bucket_for(scheduled))
+        return [s for i in order for s in groups[i]]
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Forward the step's tokens; float32 logits [B, V] of the sampling sequences, in order."""
-        ids: list[int] = []
-        sample_rows: list[int] = []
-        for s in scheduled:
-            ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
-            if s.samples:
-                sample_rows.append(len(ids) - 1)
-        attn = build_metadata(
-            query_lens=[s.num_tokens for s in scheduled],
-            context_lens=[s.start + s.num_tokens for s in scheduled],
-            block_tables=[s.seq.block_table for s in scheduled],
-            block_size=self.kv.block_size, device=self.device,
-            torch_plan=self.torch_attention)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)  # [T]
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)  # [B]
-        return self.forward(input_ids, attn, self.lora_meta, rows)
+        """Forward the step's tokens (`scheduled` in row order, from `prepare_adapters`);
+        float32 logits [B, V] of the sampling sequences, in order."""
+        bucket = self.bucket_for(scheduled)
+        num_tokens = sum(s.num_tokens for s in scheduled)
+        rows, seqs = (bucket, bucket) if bucket is not None else (num_tokens, len(scheduled))
+        num_samples = self.inputs.fill(scheduled, rows, seqs)
+        lora = self.lora_meta is not None and self.lora_meta.active
+        if bucket is not None:
+            logits = self.graphs.replay(bucket, lora) if self.graphs is not None else None
+            if logits is None:
+                logits = self._decode(bucket, lora)
+            return logits[:len(scheduled)]  # [B, V]; padding rows dropped
+        attn = self.inputs.attention(rows, seqs, max(s.num_tokens for s in scheduled),
+                                     max(s.start + s.num_tokens for s in scheduled))
+        return self.forward(self.inputs.input_ids.dev[:rows], attn,
+                            self.lora_meta if lora else None,
+                            self.inputs.sample_rows.dev[:num_samples])
+
+    def _decode(self, bucket: int, lora: bool) -> torch.Tensor:
+        """The forward of a padded decode step over the static buffers: what a graph records.
+        Logits [bucket, V] of every row."""
+        attn = self.inputs.attention(bucket, bucket, 1, self.shape.max_model_len)
+        return self.forward(self.inputs.input_ids.dev[:bucket], attn,
+                            self.lora_meta if lora else None,
+                            self.inputs.sample_rows.dev[:bucket])
+
+    def capture_graphs(self) -> None:
+        """Capture a CUDA graph of the padded decode step per bucket, LoRA on and off (CUDA
+        without enforce_eager only; otherwise decode steps stay eager)."""
+        if not self.can_capture or self.graphs is not None:
+            return
+        graphs = DecodeGraphs(self._decode, self.buckets, lora=self.lora_meta is not None)
+        graphs.capture(self._fill_padding)
+        self.graphs = graphs
+
+    def _fill_padding(self, bucket: int) -> None:
+        """A step of `bucket` padding rows in the static buffers (graph capture's inputs)."""
+        self.inputs.fill([], bucket, bucket)
+        if self.lora_meta is not None:
+            self.lora_meta.fill([], bucket)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attn: AttentionMetadata, lora: LoraMeta | None,
                 sample_rows: torch.Tensor) -> torch.Tensor:
-        """Logits of the rows in `sample_rows`.
+        """Logits of the rows in `sample_rows`; LoRA applied iff `lora` is given.
 
         input_ids int64 [T] (positions in attn.positions); sample_rows int64 [B];
         returns float32 [B, V].
@@ -220,31 +269,28 @@ class ModelRunner:
         positions = attn.positions  # [T]
         num_tokens = input_ids.shape[0]
         sh = self.shape
-        use_lora = lora if lora is not None and lora.active else None
         h = self.embed(input_ids)  # [T, H]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)  # [T, 1, D]
         for i, layer in enumerate(self.layers):
             residual = h
             x = layer.input_norm(h)  # [T, H]
-            q = self._proj(layer, i, Q, x, use_lora).view(num_tokens, sh.num_heads, sh.head_dim)
-            k = self._proj(layer, i, K, x, use_lora).view(num_tokens, sh.num_kv_heads,
-                                                         sh.head_dim)
-            v = self._proj(layer, i, V, x, use_lora).view(num_tokens, sh.num_kv_heads,
-                                                         sh.head_dim)
+            q = self._proj(layer, i, Q, x, lora).view(num_tokens, sh.num_heads, sh.head_dim)
+            k = self._proj(layer, i, K, x, lora).view(num_tokens, sh.num_kv_heads, sh.head_dim)
+            v = self._proj(layer, i, V, x, lora).view(num_tokens, sh.num_kv_heads, sh.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)  # RMSNorm over D, per head
             q = q * cos + _rotate_half(q) * sin  # [T, nH, D]
             k = k * cos + _rotate_half(k) * sin  # [T, nKV, D]
-            k_cache, v_cache = self.kv.k[i], self.kv.v[i]  # [NB, bs, nKV, D]
+            k_cache, v_cache = self.kv.k[i], self.kv.v[i]  # [2 + NB, bs, nKV, D]
             store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
             o = self.attention(q, k_cache, v_cache, attn, self.scale)  # [T, nH, D]
-            h = residual + self._proj(layer, i, O, o.reshape(num_tokens, -1), use_lora)
+            h = residual + self._proj(layer, i, O, o.reshape(num_tokens, -1), lora)
             residual = h
             x = layer.post_norm(h)  # [T, H]
-            gate = self._proj(layer, i, GATE, x, use_lora)  # [T, I]
-            up = self._proj(layer, i, UP, x, use_lora)  # [T, I]
-            h = residual + self._proj(layer, i, DOWN, layer.act(gate) * up, use_lora)  # [T, H]
+            gate = self._proj(layer, i, GATE, x, lora)  # [T, I]
+            up = self._proj(layer, i, UP, x, lora)  # [T, I]
+            h = residual + self._proj(layer, i, DOWN, layer.act(gate) * up, lora)  # [T, H]
         h = self.norm(h.index_select(0, sample_rows))  # [B, H] (RMSNorm is per row)
         return self.lm_head(h).float()  # [B, V]
 
@@ -252,8 +298,7 @@ class ModelRunner:
               lora: LoraMeta | None) -> torch.Tensor:
         out = layer.proj[module](x)  # [T, out]
         if lora is not None:
-            assert self.lora is not None
-            self.lora.apply(x, out, lora, index, module)
+            self.lora.apply(x, out, lora, index, module)  # type: ignore[union-attr]
         return out
 
 

@@ -1,6 +1,6 @@
 """Where the CPU LoRA path should draw the line between its stacks and the kernels.
 
-GatherLora (engine/lora_cpu.py) multiplies a bucket's adapters with k rows per position, k its
+StackedLora (engine/lora_cpu.py) multiplies a bucket's adapters with k rows per position, k its
 longest group, so a group of n rows costs k - n padded rows there; a group sent to the kernels
 costs a few torch calls per projection instead. This measures both on SmolLM2-135M's q and
 gate shapes (576 -> 576, 576 -> 1536) at rank 16, one layer, random weights:
@@ -49,10 +49,10 @@ def per_projection_us(tables: LoraTables, spec: BaseSpec, lengths: list[int],
     """Microseconds per projection (q and gate alternating) for groups of `lengths` rows in
     slots 0.., with pad_rows_per_group = pad_rows (-1: every group of more than 4 rows to the
     kernels)."""
-    lora = lora_cpu.GatherLora(tables, spec, pad_rows_per_group=pad_rows)
+    lora = lora_cpu.StackedLora(tables, spec, pad_rows_per_group=pad_rows)
     meta = LoraMeta(64, 4096, RANK, torch.device("cpu"))
     lora.prepare([SlotGroup(s, AdapterRef(f"a{s}", 1, "-"), n)
-                  for s, n in enumerate(lengths)], meta)
+                  for s, n in enumerate(lengths)], meta, None)
     rows = sum(lengths)
     x = torch.randn(rows, 576)
     out = torch.zeros(rows, 1536)

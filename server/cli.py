@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
          default_text="the model's")
     _add(capacity, "--kv-cache-tokens", type=int, metavar="N", help="KV cache budget in tokens",
          default_text="from free memory on CUDA, 64k on CPU")
+    _add(capacity, "--enforce-eager", action="store_true", default=False,
+         help="run every step eagerly: no CUDA graphs for decode steps")
     _add(capacity, "--max-queue", type=int, default=256, metavar="N",
          help="requests that may wait beyond --max-num-seqs before new ones get 503")
 
@@ -251,6 +253,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=int(args.max_num_batched_tokens),
         max_model_len=int(args.max_model_len) if args.max_model_len else None,
         kv_cache_tokens=int(args.kv_cache_tokens) if args.kv_cache_tokens else None,
+        enforce_eager=bool(args.enforce_eager),
         registry=registry,
     )
     return ServerConfig(

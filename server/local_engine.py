@@ -131,10 +131,9 @@ class LocalEngineClient:
             log.info("model loaded in %.1f s (max_model_len %d)", time.monotonic() - started,
                      self._engine.max_seq_len)
         if self._warmup:
-            from loramux.engine.engine import LLMEngine
-
-            engine: LLMEngine = self._engine
-            engine.generate([[0, 1]], SamplingParams(max_tokens=2, temperature=0.0))
+            # every step shape a request can hit compiles now (and CUDA graphs are captured),
+            # before /ready says yes
+            self._engine.warm_up()
         return self._engine
 
     async def shutdown(self) -> None:

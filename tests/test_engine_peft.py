@@ -112,7 +112,7 @@ def test_every_adapter_changes_the_base_output(setup: dict[str, Any]) -> None:
     assert all(setup["ref"](prompt, name) != base for name in ADAPTERS)
 
 
-@pytest.mark.parametrize("backend", ["gather", "kernels"])
+@pytest.mark.parametrize("backend", ["stacked", "kernels"])
 def test_all_adapters_and_base_share_one_batch(setup: dict[str, Any], backend: str) -> None:
     engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=64, kv_cache_tokens=4096,
                                                    block_size=4),

@@ -1,5 +1,5 @@
 """Engine parts in isolation, pure CPU and fast: block allocator, paged attention against dense
-attention, the gather LoRA path against the kernels' reference, the scheduler with a fake
+attention, the stacked LoRA path against the kernels' reference, the scheduler with a fake
 adapter source, incremental detokenization."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
 from loramux.engine.attention import build_metadata, paged_attention_torch, store_kv
 from loramux.engine.kv_cache import BlockAllocator
 from loramux.engine.lora import LoraMeta, SlotGroup
-from loramux.engine.lora_cpu import BGMV_MAX_SEGMENT_ROWS, GatherLora
+from loramux.engine.lora_cpu import BGMV_MAX_SEGMENT_ROWS, StackedLora
 from loramux.engine.request import SeqStatus, Sequence
 from loramux.engine.sampler import SamplingState
 from loramux.engine.sampling_params import SamplingParams
@@ -92,7 +92,7 @@ def test_paged_attention_matches_dense_attention(seed: int) -> None:
     assert meta.positions.tolist() == expected_positions
 
 
-# ---------------------------------------------------------------------- gather LoRA
+# ---------------------------------------------------------------------- stacked LoRA
 
 
 def _random_tables(spec: BaseSpec, slots: int, max_rank: int, gen: torch.Generator
@@ -118,12 +118,12 @@ def _random_tables(spec: BaseSpec, slots: int, max_rank: int, gen: torch.Generat
                       max_rank=max_rank)
 
 
-def _prepare(lora: GatherLora, meta: LoraMeta, lens: list[int], slots: list[int],
+def _prepare(lora: StackedLora, meta: LoraMeta, lens: list[int], slots: list[int],
              versions: dict[int, int] | None = None) -> None:
     """Prepare a step of groups (rows, slot) and check the layout the backend chose."""
     groups = [SlotGroup(s, AdapterRef(f"a{s}", (versions or {}).get(s, 1), "x") if s >= 0
                         else None, n) for n, s in zip(lens, slots)]
-    order = lora.prepare(groups, meta)
+    order = lora.prepare(groups, meta, None)
     assert sorted(order) == list(range(len(groups)))
     assert [slot for _, _, slot in meta.segments] == [groups[i].slot for i in order]
     assert meta.seg_starts.tolist()[-1] == sum(lens)
@@ -145,7 +145,7 @@ DISTRIBUTIONS = ["distinct", "uniform", "mixed", "none", "long"]
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-def test_gather_lora_matches_the_kernel_reference(distribution: str) -> None:
+def test_stacked_lora_matches_the_kernel_reference(distribution: str) -> None:
     gen = torch.Generator().manual_seed(DISTRIBUTIONS.index(distribution))
     spec = BaseSpec(num_layers=2, shapes={"q_proj": (24, 24), "k_proj": (24, 8),
                                           "v_proj": (24, 8), "o_proj": (24, 24),
@@ -160,7 +160,7 @@ def test_gather_lora_matches_the_kernel_reference(distribution: str) -> None:
         "none": ([4], [-1]),
         "long": ([BGMV_MAX_SEGMENT_ROWS + 3, 1, 9], [4, 2, -1]),
     }[distribution]
-    lora = GatherLora(tables, spec)
+    lora = StackedLora(tables, spec)
     meta = LoraMeta(max_segments=8, max_tokens=64, max_rank=max_rank, device=torch.device("cpu"))
     _prepare(lora, meta, seg_lens, seg_slots)
     total = sum(seg_lens)
@@ -175,12 +175,12 @@ def test_gather_lora_matches_the_kernel_reference(distribution: str) -> None:
                                        atol=1e-5, rtol=1e-5)
 
 
-def test_gather_lora_recopies_a_slot_when_its_adapter_changes() -> None:
+def test_stacked_lora_recopies_a_slot_when_its_adapter_changes() -> None:
     gen = torch.Generator().manual_seed(0)
     spec = BaseSpec(num_layers=1, shapes={m: (8, 8) for m in MODULES})
     tables = _random_tables(spec, 3, 4, gen)
     tables.ranks[:, :, 1] = 4
-    lora = GatherLora(tables, spec)
+    lora = StackedLora(tables, spec)
     meta = LoraMeta(4, 8, 4, torch.device("cpu"))
     x = torch.randn(1, 8, generator=gen)
     _prepare(lora, meta, [1], [1], {1: 1})
@@ -193,7 +193,7 @@ def test_gather_lora_recopies_a_slot_when_its_adapter_changes() -> None:
     torch.testing.assert_close(second, 4.0 * first)  # A and B both doubled
 
 
-def test_gather_lora_stays_right_as_batches_change() -> None:
+def test_stacked_lora_stays_right_as_batches_change() -> None:
     """Adapters join and leave over many steps (positions reused, buckets compacted, slots
     handed to new adapters, groups of 1 to 80 rows stacked or sent to the kernels): every step
     still equals the kernel reference."""
@@ -202,7 +202,7 @@ def test_gather_lora_stays_right_as_batches_change() -> None:
     spec = BaseSpec(num_layers=1, shapes={m: (16, 12) for m in MODULES})
     slots = 12
     tables = _random_tables(spec, slots, 16, gen)
-    lora = GatherLora(tables, spec)
+    lora = StackedLora(tables, spec)
     meta = LoraMeta(16, 1024, 16, torch.device("cpu"))
     version = dict.fromkeys(range(slots), 0)
     stacked_long = kernels_long = 0  # steps with a group of > 4 rows on each path
@@ -218,8 +218,8 @@ def test_gather_lora_stays_right_as_batches_change() -> None:
         chosen = rng.sample(range(-1, slots), rng.randint(1, 8))
         lengths = [rng.choice([1, 1, 2, 3, 7, 12, 30, 80]) for _ in chosen]
         _prepare(lora, meta, lengths, chosen, version)
-        stacked_long += any(p.k > 4 for p in meta.plan)
-        kernels_long += meta.sgmv_active
+        stacked_long += any(p.k > 4 for p in lora.plan.buckets)
+        kernels_long += lora.plan.sgmv_slots is not None
         x = torch.randn(sum(lengths), 16, generator=gen)
         for m in range(len(MODULES)):
             out = torch.zeros(sum(lengths), 12)
@@ -229,7 +229,7 @@ def test_gather_lora_stays_right_as_batches_change() -> None:
     assert stacked_long and kernels_long  # both paths were taken by long groups
 
 
-def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernels() -> None:
+def test_stacked_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernels() -> None:
     """Multi-row groups go through the stacks while padding them to the longest costs little
     (similar prompt lengths); a group that would pad the others too much goes to the kernels.
     Either way every projection equals the kernel reference."""
@@ -241,7 +241,7 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
         buckets.setdefault(1 << (int(tables.ranks[:, :, s].max()) - 1).bit_length(), []).append(s)
     same = max(buckets.values(), key=len)[:6]  # six slots that share a bucket
     assert len(same) == 6
-    lora = GatherLora(tables, spec)
+    lora = StackedLora(tables, spec)
     meta = LoraMeta(16, 256, 16, torch.device("cpu"))
 
     def check(lengths: list[int], slots: list[int]) -> None:
@@ -255,19 +255,19 @@ def test_gather_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kernel
 
     check([1] * 6, same)  # decode: all six placed
     check([5, 4, 5, 5], same[:4])  # short prefills: stacked, 2 holes (10 padded rows) kept
-    assert not meta.sgmv_active
-    assert [(p.num_pos, p.k) for p in meta.plan] == [(6, 5)]
+    assert lora.plan.sgmv_slots is None
+    assert [(p.num_pos, p.k) for p in lora.plan.buckets] == [(6, 5)]
     check([1] * 6, same)
     check([40, 39, 40, 40], same[:4])  # 2 holes would pad 80 rows: compacted
-    assert not meta.sgmv_active
-    assert [(p.num_pos, p.k) for p in meta.plan] == [(4, 40)]
+    assert lora.plan.sgmv_slots is None
+    assert [(p.num_pos, p.k) for p in lora.plan.buckets] == [(4, 40)]
     check([70, 1, 1, 1], same[2:6])  # 207 padded rows for one long group: that one to kernels
-    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[2]]
-    assert [p.k for p in meta.plan] == [1]
+    assert [s for s in lora.plan.sgmv_slots.tolist() if s >= 0] == [same[2]]
+    assert [p.k for p in lora.plan.buckets] == [1]
     # groups of 2-4 rows always take the stacks and earn the long one no padding budget
     check([40, 2, 2, 2, 2, 2], same)
-    assert [s for s in meta.sgmv_slots.tolist() if s >= 0] == [same[0]]
-    assert [p.k for p in meta.plan] == [2]
+    assert [s for s in lora.plan.sgmv_slots.tolist() if s >= 0] == [same[0]]
+    assert [p.k for p in lora.plan.buckets] == [2]
 
 
 def _uniform_tables(spec: BaseSpec, slots: int, rank: int, dtype: torch.dtype,
@@ -290,14 +290,14 @@ def _uniform_tables(spec: BaseSpec, slots: int, rank: int, dtype: torch.dtype,
 
 
 @pytest.mark.parametrize("lengths", [[1, 1, 1, 1], [3, 2, 3, 1], [9, 8, 9, 9]])
-def test_gather_lora_keeps_float32_between_shrink_and_expand_in_bf16(lengths: list[int]) -> None:
+def test_stacked_lora_keeps_float32_between_shrink_and_expand_in_bf16(lengths: list[int]) -> None:
     """A bf16 model: shrink, scale and expand in float32, one rounding into the output, as the
     kernels do. Rounding the rank-r intermediate or scale*B to bf16 would double the error."""
     gen = torch.Generator().manual_seed(3)
     hidden, rank = 256, 64
     spec = BaseSpec(num_layers=1, shapes={m: (hidden, hidden) for m in MODULES})
     tables = _uniform_tables(spec, 4, rank, torch.bfloat16, gen)
-    lora = GatherLora(tables, spec)
+    lora = StackedLora(tables, spec)
     meta = LoraMeta(8, 64, rank, torch.device("cpu"))
     _prepare(lora, meta, lengths, [0, 1, 2, 3])
     x = torch.randn(sum(lengths), hidden, generator=gen).bfloat16()
