@@ -314,6 +314,29 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)  # type: ignore[no-any-return]
 
 
+class _FirstOnly(logging.Filter):
+    """Lets through the first record that starts with `prefix`, drops the later ones."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _warn_once(logger_name: str, prefix: str) -> None:
+    """bitsandbytes' int8 matmul logs that it casts its input to float16 on every forward of
+    every layer (a line per projection per step for any input that is not float16): say it
+    once per process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _FirstOnly) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_FirstOnly(prefix))
+
+
 def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     """(model, tokenizer) for config.model (None: the embedded default model), on the
     configured device and dtype, quantized with bitsandbytes if asked. The architecture is
@@ -343,5 +366,7 @@ def load_hf_model(config: EngineConfig) -> tuple[Any, Any]:
     if config.quantization == "none":
         model = model.to(device)  # type: ignore[arg-type]
     model.eval()
+    if config.quantization == "int8":
+        _warn_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
