@@ -72,14 +72,18 @@ class LLMEngine:
         num_blocks = max(1, kv_tokens // config.block_size)
         self.kv = KVCache(shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads,
                           shape.head_dim, dtype, device)
-        lora = _lora_backend(lora_backend, adapters, model.config, dtype, device)
+        max_rows = max(config.max_num_batched_tokens, config.max_num_seqs, 1)
+        lora = _lora_backend(lora_backend, adapters, model.config, dtype, device,
+                             max_rows=max_rows, max_segments=config.max_num_seqs)
+        max_model_len = min(config.max_model_len or shape.max_model_len,
+                            self.kv.capacity_tokens)
         self.runner = ModelRunner(
             model, self.kv, lora, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_lora_rank=adapters.tables.max_rank if adapters is not None else 1,
-            max_model_len=min(config.max_model_len or shape.max_model_len,
-                              self.kv.capacity_tokens),
-            attention=_attention_backend(device), enforce_eager=config.enforce_eager)
+            max_model_len=max_model_len,
+            attention=_attention_backend(device, shape, config.max_num_seqs, max_model_len),
+            enforce_eager=config.enforce_eager)
         # A sequence never outgrows the context length nor the whole KV cache, so the oldest
         # running sequence can always make progress (it may preempt all others).
         self.max_seq_len = self.runner.shape.max_model_len
@@ -396,27 +400,33 @@ def _default_kv_tokens(layers: int, kv_heads: int, head_dim: int, dtype: torch.d
 
 
 def _lora_backend(name: str, adapters: AdapterSource | None, hf_config: Any,
-                  dtype: torch.dtype, device: torch.device) -> LoraBackend | None:
-    """Chosen once: stacked adapters (BGMV) + kernels on CPU, the Triton kernels on CUDA."""
+                  dtype: torch.dtype, device: torch.device, *, max_rows: int,
+                  max_segments: int) -> LoraBackend | None:
+    """Chosen once: stacked adapters (BGMV) + kernels on CPU, the Triton kernels on CUDA;
+    max_rows / max_segments: the most rows and segments (sequences) of any step."""
     if adapters is None:
         return None
     if name == "auto":
         name = "stacked" if device.type == "cpu" else "kernels"
     base = BaseSpec.from_hf_config(hf_config)
     if name == "stacked":
-        return StackedLora(adapters.tables, base)
+        return StackedLora(adapters.tables, base, max_rows=max_rows, max_segments=max_segments)
     if name == "kernels":
-        return KernelLora(adapters.tables, base, dtype, device)
+        return KernelLora(adapters.tables, base, dtype, device, max_rows=max_rows,
+                          max_segments=max_segments)
     raise ValueError(f"lora_backend must be 'auto', 'stacked' or 'kernels', got {name!r}")
 
 
-def _attention_backend(device: torch.device) -> Any:
-    """The Triton paged attention on CUDA when it is available, else the torch path."""
+def _attention_backend(device: torch.device, shape: Any, max_num_seqs: int,
+                       max_model_len: int) -> Any:
+    """On CUDA the Triton paged attention with split-KV decodes, its scratch allocated here
+    once; elsewhere (or without triton) the torch path."""
     if device.type == "cuda":
         try:
-            from loramux.engine.triton_attention import paged_attention as triton_attention
-        except ImportError:
-            log.warning("engine/triton_attention.py is missing: torch attention on CUDA")
+            from loramux.engine.triton_attention import PagedAttention
+        except ImportError as e:  # triton is a CUDA dependency; a CPU wheel may lack it
+            log.warning("cannot import triton (%s): torch attention on CUDA", e)
         else:
-            return triton_attention
+            return PagedAttention(max_num_seqs, shape.num_heads, shape.num_kv_heads,
+                                  shape.head_dim, max_model_len, device)
     return paged_attention_torch

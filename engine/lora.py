@@ -28,14 +28,13 @@ Backends, chosen once at load time:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from loramux.adapters.types import MODULES, AdapterRef, BaseSpec, LoraTables
 from loramux.engine.graphs import Staging
-from loramux.kernels.torch_ops import sgmv_expand_torch, sgmv_shrink_torch
+from loramux.kernels.launch import Launcher, make_launcher
 
 
 class LoraMeta:
@@ -145,35 +144,13 @@ def projection_tables(tables: LoraTables, num_layers: int) -> list[list[Projecti
              for m in range(len(MODULES))] for layer in range(num_layers)]
 
 
-class SgmvLauncher:
-    """One module's SGMV shrink and expand, bound once to the backend for its device.
-
-    shrink(x [T, in], pool, a_offsets, ranks, seg_starts, seg_slots, v [T, R_max]) and
-    expand(v, pool, b_offsets, ranks, scales, seg_starts, seg_slots, out [T, out]): the
-    semantics of loramux.kernels.ops. Nothing is checked per call: the engine fills valid
-    metadata. (The kernels' own launcher object, with launch configurations fixed at
-    construction, is to replace the functions bound here; the call signatures are its.)
-    """
-
-    def __init__(self, in_features: int, out_features: int, max_rank: int,
-                 x_dtype: torch.dtype, pool_dtype: torch.dtype, v_dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.shrink: Callable[..., torch.Tensor]
-        self.expand: Callable[..., torch.Tensor]
-        if device.type == "cuda":
-            from loramux.kernels.sgmv import sgmv_expand_triton, sgmv_shrink_triton
-
-            self.shrink, self.expand = sgmv_shrink_triton, sgmv_expand_triton
-        else:
-            self.shrink, self.expand = sgmv_shrink_torch, sgmv_expand_torch
-
-
 def make_launchers(base: BaseSpec, tables: LoraTables, x_dtype: torch.dtype,
-                   device: torch.device) -> list[SgmvLauncher]:
-    """One launcher per module (in MODULES order), for the module's in/out features; the
-    shrink output v is float32."""
-    return [SgmvLauncher(*base.shapes[m], tables.max_rank, x_dtype, tables.pool.dtype,
-                         torch.float32, device) for m in MODULES]
+                   device: torch.device, *, max_rows: int, max_segments: int) -> list[Launcher]:
+    """One launcher per module (in MODULES order) for the module's in/out features, launch
+    configurations fixed now (kernels/launch.py); the shrink output v is float32."""
+    return [make_launcher(*base.shapes[m], tables.max_rank, x_dtype, tables.pool.dtype,
+                          torch.float32, device, max_rows=max_rows, max_segments=max_segments)
+            for m in MODULES]
 
 
 class KernelLora:
@@ -182,10 +159,11 @@ class KernelLora:
     graph_safe = True  # grids from shapes only; metadata, tables and pool read by address
 
     def __init__(self, tables: LoraTables, base: BaseSpec, x_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, *, max_rows: int, max_segments: int) -> None:
         self.pool = tables.pool  # [P], allocated once by the registry
         self.proj = projection_tables(tables, base.num_layers)
-        self.launchers = make_launchers(base, tables, x_dtype, device)
+        self.launchers = make_launchers(base, tables, x_dtype, device, max_rows=max_rows,
+                                        max_segments=max_segments)
 
     def prepare(self, groups: list[SlotGroup], meta: LoraMeta, pad_to: int | None) -> list[int]:
         order = list(range(len(groups)))  # the tables are the kernels' input: nothing to copy

@@ -124,7 +124,7 @@ class StackedLora:
 
     graph_safe = False  # each step's plan has its own shapes and index tensors
 
-    def __init__(self, tables: LoraTables, base: BaseSpec, *,
+    def __init__(self, tables: LoraTables, base: BaseSpec, *, max_rows: int, max_segments: int,
                  pad_rows_per_group: int = PAD_ROWS_PER_GROUP) -> None:
         self.tables = tables
         self.pad_rows_per_group = pad_rows_per_group
@@ -135,7 +135,8 @@ class StackedLora:
         self.plan = StepPlan([], None)  # the last prepared step's
         # the groups too long to stack go through the kernels (the torch path on the CPU)
         self.proj = projection_tables(tables, base.num_layers)
-        self.launchers = make_launchers(base, tables, tables.pool.dtype, tables.pool.device)
+        self.launchers = make_launchers(base, tables, tables.pool.dtype, tables.pool.device,
+                                        max_rows=max_rows, max_segments=max_segments)
 
     def prepare(self, groups: list[SlotGroup], meta: LoraMeta, pad_to: int | None) -> list[int]:
         """Place the stacked groups' adapters (`_stacked`) in the stacks and lay the batch out

@@ -507,11 +507,13 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _config(q: torch.Tensor, meta: AttentionMetadata, group: int,
-            config: AttentionConfig | None) -> AttentionConfig:
-    """`config`, else the tuned entry for this GPU, else the heuristic; checked against group."""
+            config: AttentionConfig | None, device_name: str | None = None) -> AttentionConfig:
+    """`config`, else the tuned entry for this GPU (device_name: q's device's, read when
+    None), else the heuristic; checked against group."""
     if config is None:
         head_dim = q.shape[2]
-        name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else "cpu"
+        name = device_name or (torch.cuda.get_device_name(q.device)
+                               if q.device.type == "cuda" else "cpu")
         regime: Regime = "decode" if meta.max_query_len == 1 else "prefill"
         tuned = TUNED_CONFIGS.get(name, {}).get((regime, head_dim))
         config = tuned or attention_heuristic(meta.max_query_len, group, head_dim, q.dtype)
@@ -591,9 +593,11 @@ class PagedAttention:
             _fail("max_num_seqs, heads, head_dim and max_model_len must be positive")
         if num_heads % num_kv_heads:
             _fail(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+        cuda = device.type == "cuda"
         if sm_count is None:
             sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else 1)
+                        if cuda else 1)
+        self.device_name = torch.cuda.get_device_name(device) if cuda else "cpu"  # read once
         self.max_num_seqs = max_num_seqs
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.sm_count = sm_count
@@ -633,7 +637,8 @@ class PagedAttention:
             out = torch.empty_like(q)
         if q.shape[0] == 0 or num_seqs == 0:
             return out
-        config = _config(q, meta, self.num_heads // self.num_kv_heads, config)
+        config = _config(q, meta, self.num_heads // self.num_kv_heads, config,
+                         self.device_name)
         if splits == 1:
             _launch_tiles(q, k_cache, v_cache, meta, scale, out, config)
         else:

@@ -49,7 +49,8 @@ def per_projection_us(tables: LoraTables, spec: BaseSpec, lengths: list[int],
     """Microseconds per projection (q and gate alternating) for groups of `lengths` rows in
     slots 0.., with pad_rows_per_group = pad_rows (-1: every group of more than 4 rows to the
     kernels)."""
-    lora = lora_cpu.StackedLora(tables, spec, pad_rows_per_group=pad_rows)
+    lora = lora_cpu.StackedLora(tables, spec, max_rows=4096, max_segments=64,
+                                  pad_rows_per_group=pad_rows)
     meta = LoraMeta(64, 4096, RANK, torch.device("cpu"))
     lora.prepare([SlotGroup(s, AdapterRef(f"a{s}", 1, "-"), n)
                   for s, n in enumerate(lengths)], meta, None)

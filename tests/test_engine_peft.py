@@ -9,8 +9,9 @@ and the same on a bitsandbytes nf4 base (PEFT on the very same quantized modules
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from engine_helpers import (
 )
 from loramux.adapters.config import RegistryConfig
 from loramux.adapters.registry import AdapterRegistry
+from loramux.adapters.types import MODULES
 from loramux.engine.config import EngineConfig
 from loramux.engine.engine import LLMEngine
 from loramux.engine.request import RequestOutput
@@ -119,6 +121,40 @@ def test_all_adapters_and_base_share_one_batch(setup: dict[str, Any], backend: s
                                                    block_size=4),
                        adapters=setup["reg"], lora_backend=backend)
     cases = {f"r{i}": c for i, c in enumerate(_cases(seed=1))}
+    _check(_run(engine, cases), cases, setup["ref"])
+    assert engine.kv.allocator.num_used == 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="runs CUDA's kernels under TRITON_INTERPRET=1 on the CPU")
+def test_the_cuda_kernels_interpreted_give_pefts_tokens(setup: dict[str, Any]) -> None:
+    """What the engine runs on CUDA, interpreted on the CPU: Triton paged attention with
+    split-KV decodes (as on a 132-SM device) and every projection's SGMV through the Triton
+    launchers, decode steps padded to their buckets; the tokens are PEFT's."""
+    from loramux.engine.lora import KernelLora
+    from loramux.engine.triton_attention import PagedAttention
+    from loramux.kernels.launch import SgmvLauncher
+
+    max_num_seqs = 4  # the interpreter runs every program of a grid in turn: keep grids small
+    engine = LLMEngine(setup["base"], EngineConfig(max_num_seqs=max_num_seqs,
+                                                   kv_cache_tokens=1024, block_size=4),
+                       adapters=setup["reg"], lora_backend="kernels")
+    runner, tables = engine.runner, setup["reg"].tables
+    sh = runner.shape
+    runner.attention = attention = PagedAttention(
+        max_num_seqs, sh.num_heads, sh.num_kv_heads, sh.head_dim, sh.max_model_len,
+        torch.device("cpu"), sm_count=132, min_split_len=64)
+    assert attention.num_splits(max_num_seqs, 1) == attention.num_splits(1, 1) == 4
+    lora = runner.lora
+    assert isinstance(lora, KernelLora)
+    base = base_spec(setup["cfg"])
+    lora.launchers = [SgmvLauncher(*base.shapes[m], tables.max_rank, torch.float32,
+                                   tables.pool.dtype, torch.float32, torch.device("cpu"),
+                                   max_rows=engine.config.max_num_batched_tokens,
+                                   max_segments=max_num_seqs)
+                      for m in MODULES]
+    names: list[str | None] = ["r4-attn", "r16-all", None, "r8-mlp", "r16-all"]
+    cases = {f"r{i}": c for i, c in enumerate(_cases(seed=4, per_adapter=1, names=names))}
     _check(_run(engine, cases), cases, setup["ref"])
     assert engine.kv.allocator.num_used == 0
 

@@ -160,7 +160,7 @@ def test_stacked_lora_matches_the_kernel_reference(distribution: str) -> None:
         "none": ([4], [-1]),
         "long": ([BGMV_MAX_SEGMENT_ROWS + 3, 1, 9], [4, 2, -1]),
     }[distribution]
-    lora = StackedLora(tables, spec)
+    lora = StackedLora(tables, spec, max_rows=64, max_segments=8)
     meta = LoraMeta(max_segments=8, max_tokens=64, max_rank=max_rank, device=torch.device("cpu"))
     _prepare(lora, meta, seg_lens, seg_slots)
     total = sum(seg_lens)
@@ -180,7 +180,7 @@ def test_stacked_lora_recopies_a_slot_when_its_adapter_changes() -> None:
     spec = BaseSpec(num_layers=1, shapes={m: (8, 8) for m in MODULES})
     tables = _random_tables(spec, 3, 4, gen)
     tables.ranks[:, :, 1] = 4
-    lora = StackedLora(tables, spec)
+    lora = StackedLora(tables, spec, max_rows=8, max_segments=4)
     meta = LoraMeta(4, 8, 4, torch.device("cpu"))
     x = torch.randn(1, 8, generator=gen)
     _prepare(lora, meta, [1], [1], {1: 1})
@@ -202,7 +202,7 @@ def test_stacked_lora_stays_right_as_batches_change() -> None:
     spec = BaseSpec(num_layers=1, shapes={m: (16, 12) for m in MODULES})
     slots = 12
     tables = _random_tables(spec, slots, 16, gen)
-    lora = StackedLora(tables, spec)
+    lora = StackedLora(tables, spec, max_rows=1024, max_segments=16)
     meta = LoraMeta(16, 1024, 16, torch.device("cpu"))
     version = dict.fromkeys(range(slots), 0)
     stacked_long = kernels_long = 0  # steps with a group of > 4 rows on each path
@@ -241,7 +241,7 @@ def test_stacked_lora_stacks_similar_prefills_and_leaves_a_long_one_to_the_kerne
         buckets.setdefault(1 << (int(tables.ranks[:, :, s].max()) - 1).bit_length(), []).append(s)
     same = max(buckets.values(), key=len)[:6]  # six slots that share a bucket
     assert len(same) == 6
-    lora = StackedLora(tables, spec)
+    lora = StackedLora(tables, spec, max_rows=256, max_segments=16)
     meta = LoraMeta(16, 256, 16, torch.device("cpu"))
 
     def check(lengths: list[int], slots: list[int]) -> None:
@@ -297,7 +297,7 @@ def test_stacked_lora_keeps_float32_between_shrink_and_expand_in_bf16(lengths: l
     hidden, rank = 256, 64
     spec = BaseSpec(num_layers=1, shapes={m: (hidden, hidden) for m in MODULES})
     tables = _uniform_tables(spec, 4, rank, torch.bfloat16, gen)
-    lora = StackedLora(tables, spec)
+    lora = StackedLora(tables, spec, max_rows=64, max_segments=8)
     meta = LoraMeta(8, 64, rank, torch.device("cpu"))
     _prepare(lora, meta, lengths, [0, 1, 2, 3])
     x = torch.randn(sum(lengths), hidden, generator=gen).bfloat16()
