@@ -244,7 +244,8 @@ def _specialize(
             attrs[(i,)] = BaseBackend.parse_attr("D")
             continue
         # The specialisation a launch applies (Triton's own function, as JITFunction.run).
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, spec = native_specialize_impl(BaseBackend, value, False,
+                                            not param.do_not_specialize, True)
         signature[param.name] = kind
         if kind == "constexpr":  # an int equal to 1 (or None): a launch makes it a constant
             constexprs[(i,)] = value

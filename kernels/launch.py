@@ -37,6 +37,7 @@ from loramux.kernels.sgmv_config import (
     ShrinkConfig,
     TunedTable,
     batch_bucket,
+    dtype_name,
     heuristic_buckets,
     rank_bucket,
     regime_of,
@@ -140,7 +141,7 @@ class SgmvLauncher:
         self.dtypes = (x_dtype, pool_dtype, v_dtype)
         name, num_sms = sgmv.device_info(device)  # read once
         table = sgmv.TUNED_TABLE if table is None else table
-        ranks = rank_bucket(max_rank)
+        ranks, dtype = rank_bucket(max_rank), dtype_name(pool_dtype)
         # (regime, batch bucket) -> config, for every bucket a call within the limits can hit.
         self.shrink_configs: dict[tuple[Regime, int], ShrinkConfig] = {}
         self.expand_configs: dict[tuple[Regime, int], ExpandConfig] = {}
@@ -149,9 +150,9 @@ class SgmvLauncher:
             most = max_segments if regime == "decode" else max_rows
             for bucket in heuristic_buckets(regime, most):
                 shrink = _of(ShrinkConfig, table.choose(
-                    name, ShapeKey("shrink", regime, in_features, ranks, bucket), num_sms))
+                    name, ShapeKey("shrink", regime, in_features, ranks, bucket, dtype), num_sms))
                 expand = _of(ExpandConfig, table.choose(
-                    name, ShapeKey("expand", regime, out_features, ranks, bucket), num_sms))
+                    name, ShapeKey("expand", regime, out_features, ranks, bucket, dtype), num_sms))
                 self.shrink_configs[regime, bucket] = shrink
                 self.expand_configs[regime, bucket] = expand
                 if shrink.split_k > 1:  # rows such a call can have: decode has <= 4 per segment

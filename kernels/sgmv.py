@@ -48,6 +48,7 @@ from loramux.kernels.sgmv_config import (
     ShrinkConfig,
     TunedTable,
     batch_bucket,
+    dtype_name,
     rank_bucket,
     regime_of,
 )
@@ -73,11 +74,12 @@ def device_info(device: torch.device) -> tuple[str, int]:
     return props.name, props.multi_processor_count
 
 
-def shape_key(op: Op, rows: int, segments: int, features: int, max_rank: int) -> ShapeKey:
+def shape_key(op: Op, rows: int, segments: int, features: int, max_rank: int,
+              pool_dtype: torch.dtype) -> ShapeKey:
     """The tuned-table key of one call (features: H for shrink, O for expand)."""
     regime = regime_of(rows, segments)
     return ShapeKey(op, regime, features, rank_bucket(max_rank),
-                    batch_bucket(regime, rows, segments))
+                    batch_bucket(regime, rows, segments), dtype_name(pool_dtype))
 
 
 def seg_block(segments: int) -> int:
@@ -205,9 +207,9 @@ def _sgmv_shrink_kernel(
         tl.store(partial_ptr + split_rows[:, None] * max_rank + r[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _sgmv_shrink_reduce_kernel(
-    partial_ptr,  # float32 [SPLIT_K, T, R_max], contiguous
+    partial_ptr,  # float32 [num_splits, T, R_max], contiguous
     ranks_ptr,  # int32 [S]
     seg_starts_ptr,  # int32 [N + 1]
     seg_slots_ptr,  # int32 [N]
@@ -217,10 +219,10 @@ def _sgmv_shrink_reduce_kernel(
     num_segs,
     stride_out_row,
     stride_out_col,
+    num_splits,  # SPLIT_K of the shrink launch: read at run time, one compiled reduce for all
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SEG_BLOCK: tl.constexpr,
-    SPLIT_K: tl.constexpr,
 ):
     # Same tiles and early exits as the shrink kernel, so it reads exactly what was written.
     seg, row_start, row_end = _tile_rows(seg_starts_ptr, num_segs, tl.program_id(0), BLOCK_M,
@@ -241,7 +243,7 @@ def _sgmv_shrink_reduce_kernel(
     r = r_start + tl.arange(0, BLOCK_R)
     mask = row_mask[:, None] & ((r < rank) & (r < max_rank))[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
+    for s in range(num_splits):
         # partial[s, t, r] sits at (s * T + t) * R_max + r.
         split_rows = s * num_rows + rows
         acc += tl.load(partial_ptr + split_rows[:, None] * max_rank + r[None, :], mask=mask,
@@ -379,9 +381,9 @@ def launch_shrink(
     if split_k > 1:
         _sgmv_shrink_reduce_kernel[grid[:2]](
             partial, ranks, seg_starts, seg_slots, out,
-            rows, max_rank, segments, out.stride(0), out.stride(1),
+            rows, max_rank, segments, out.stride(0), out.stride(1), split_k,
             BLOCK_M=config.block_m, BLOCK_R=config.block_r, SEG_BLOCK=segments_block,
-            SPLIT_K=split_k, num_warps=config.num_warps,
+            num_warps=config.num_warps,
         )  # fmt: skip
 
 
@@ -438,7 +440,8 @@ def sgmv_shrink_triton(
         return out  # nothing to write (an empty hidden dimension leaves out untouched too)
     if config is None:
         name, num_sms = device_info(x.device)
-        key = shape_key("shrink", dims.rows, dims.segments, dims.inner, dims.outer)
+        key = shape_key("shrink", dims.rows, dims.segments, dims.inner, dims.outer,
+                        a_pool.dtype)
         tuned = TUNED_TABLE.choose(name, key, num_sms)
         assert isinstance(tuned, ShrinkConfig)
         config = tuned
@@ -478,7 +481,8 @@ def sgmv_expand_triton(
         return out  # nothing to add
     if config is None:
         name, num_sms = device_info(v.device)
-        key = shape_key("expand", dims.rows, dims.segments, dims.outer, dims.inner)
+        key = shape_key("expand", dims.rows, dims.segments, dims.outer, dims.inner,
+                        b_pool.dtype)
         tuned = TUNED_TABLE.choose(name, key, num_sms)
         assert isinstance(tuned, ExpandConfig)
         config = tuned
@@ -522,7 +526,9 @@ def shrink_variants(config: ShrinkConfig, hidden: int, max_rank: int, x_dtype: t
     variants = [KernelVariant.of(_sgmv_shrink_kernel, shrink, num_stages=config.num_stages,
                                  **options)]
     if split_k > 1:
-        reduce = {**common, "partial_ptr": torch.float32}
+        reduce = {key: value for key, value in common.items() if key != "SPLIT_K"}
+        # num_splits is not specialised (do_not_specialize): one reduce for every split count.
+        reduce.update(partial_ptr=torch.float32, num_splits=2)
         variants.append(KernelVariant.of(_sgmv_shrink_reduce_kernel, reduce, **options))
     return variants
 

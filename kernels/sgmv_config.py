@@ -1,19 +1,21 @@
 """SGMV launch parameters: the config dataclasses, the heuristics, and the tuned table per GPU.
 
-A launch is chosen for a *shape key*: (op, regime, features, rank bucket, batch bucket), where
-features is H for shrink and O for expand, the rank bucket is the power of two (at least 16)
-at or above the projection's max rank, and the batch bucket is the power of two at or above
-the segment count (decode) or the row count (prefill). The tuned table, written offline by
+A launch is chosen for a *shape key*: (op, regime, features, rank bucket, batch bucket, dtype),
+where features is H for shrink and O for expand, the rank bucket is the power of two (at least
+16) at or above the projection's max rank, the batch bucket is the power of two at or above
+the segment count (decode) or the row count (prefill), and dtype is the pool's (the model's;
+the engine's shrink output is float32 whatever it is). The tuned table, written offline by
 loadtest/tune_sgmv.py from timings on one GPU model, maps keys to configs under that GPU's
 name; any key it lacks falls back to the heuristics here. Nothing here imports triton, so
 tables can be read and written on any machine.
 
 Table file (JSON), e.g. kernels/tuned_configs.json:
 
-    {"version": 1,
+    {"version": 2,
      "devices": {"NVIDIA H100 80GB HBM3": {
-         "shrink/decode/f4096/r16/b64": {"block_m": 16, "block_r": 16, "block_k": 128,
-                                         "split_k": 8, "num_warps": 4, "num_stages": 3}}}}
+         "shrink/decode/f4096/r16/b64/bf16": {"block_m": 16, "block_r": 16,
+                                              "block_k": 128, "split_k": 8,
+                                              "num_warps": 4, "num_stages": 3}}}}
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Literal, TypeAlias
 Regime = Literal["decode", "prefill"]
 Op = Literal["shrink", "expand"]
 REGIMES: tuple[Regime, ...] = ("decode", "prefill")
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: keys name the pool dtype
 PACKAGED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 
@@ -109,6 +111,19 @@ def batch_bucket(regime: Regime, rows: int, segments: int) -> int:
     return next_power_of_2(max(segments if regime == "decode" else rows, 1))
 
 
+DType = Literal["bf16", "fp16", "fp32"]
+DTYPES: tuple[DType, ...] = ("bf16", "fp16", "fp32")
+
+
+def dtype_name(dtype: object) -> DType:
+    """The key's name of a torch dtype (str(torch.bfloat16) is "torch.bfloat16")."""
+    names: dict[str, DType] = {"torch.bfloat16": "bf16", "torch.float16": "fp16",
+                               "torch.float32": "fp32"}
+    if str(dtype) not in names:
+        raise ValueError(f"no SGMV launch configs for {dtype}: bfloat16, float16 or float32")
+    return names[str(dtype)]
+
+
 @dataclass(frozen=True)
 class ShapeKey:
     """What a launch is chosen for (see the module docstring)."""
@@ -118,6 +133,7 @@ class ShapeKey:
     features: int  # H for shrink, O for expand
     rank: int  # rank_bucket(max rank)
     bucket: int  # batch_bucket(regime, rows, segments)
+    dtype: DType  # the pool's (the model's): float32 tiles are twice as wide in registers
 
     @property
     def rank_block(self) -> int:
@@ -125,16 +141,20 @@ class ShapeKey:
         return min(64, self.rank)
 
     def __str__(self) -> str:
-        return f"{self.op}/{self.regime}/f{self.features}/r{self.rank}/b{self.bucket}"
+        return (f"{self.op}/{self.regime}/f{self.features}/r{self.rank}/b{self.bucket}/"
+                f"{self.dtype}")
 
     @classmethod
     def parse(cls, text: str) -> ShapeKey:
-        op, regime, f, r, b = text.split("/")
-        if op not in _CONFIG_TYPES or regime not in REGIMES or not (
+        parts = text.split("/")
+        if len(parts) != 6:
+            raise ValueError(f"not a shape key: {text!r}")
+        op, regime, f, r, b, dtype = parts
+        if op not in _CONFIG_TYPES or regime not in REGIMES or dtype not in DTYPES or not (
             f[0] == "f" and r[0] == "r" and b[0] == "b"
         ):
             raise ValueError(f"not a shape key: {text!r}")
-        return cls(op, regime, int(f[1:]), int(r[1:]), int(b[1:]))  # type: ignore[arg-type]
+        return cls(op, regime, int(f[1:]), int(r[1:]), int(b[1:]), dtype)  # type: ignore[arg-type]
 
 
 def shrink_heuristic(key: ShapeKey, num_sms: int) -> ShrinkConfig:
@@ -145,7 +165,8 @@ def shrink_heuristic(key: ShapeKey, num_sms: int) -> ShrinkConfig:
     """
     decode = key.regime == "decode"
     block_m = 16 if decode else 64
-    block_k = 128
+    # A float32 [64, 128] x tile with a [128, 64] A tile needs more than 255 registers.
+    block_k = 64 if key.dtype == "fp32" and not decode else 128
     tiles = key.bucket if decode else cdiv(key.bucket, block_m)
     programs = tiles * cdiv(key.rank, key.rank_block)
     # Prefill reads x once per rank block; float32 partials would add 8 * SPLIT_K * R bytes
@@ -161,16 +182,24 @@ def shrink_heuristic(key: ShapeKey, num_sms: int) -> ShrinkConfig:
 def expand_heuristic(key: ShapeKey, num_sms: int) -> ExpandConfig:
     """Default expand launch: narrow output blocks until about 2 programs per SM.
 
-    Prefill keeps rank steps of at most 32 and 64 output columns: a [64, 128] tile with a
-    64-wide rank step spills on sm_80 (see tests/test_kernel_compile.py).
+    Sized so that nothing spills for sm_80 and sm_90 (tests/test_kernel_compile.py): prefill
+    keeps rank steps of at most 32 and 64 output columns (a [64, 128] tile with a 64-wide rank
+    step spills on sm_80), float32 pools take rank steps of at most 32 (decode) and 16
+    (prefill), and a 16-bit pool's rank loop of one step is not pipelined three deep
+    (nothing to overlap; a third stage made a bf16 [64, 64] prefill tile spill on sm_80).
+    Float32 keeps three: at two, ptxas spilled 4-24 B of its one-step tiles.
     """
+    fp32 = key.dtype == "fp32"
     if key.regime == "decode":
-        block_m, block_n, block_r = 16, 128, key.rank_block
+        block_m, block_n = 16, 128
+        block_r = min(key.rank_block, 32) if fp32 else key.rank_block
         while block_n > 32 and key.bucket * cdiv(key.features, block_n) < 2 * num_sms:
             block_n //= 2
     else:
-        block_m, block_n, block_r = 64, 64, min(key.rank_block, 32)
-    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r)
+        block_m, block_n, block_r = 64, 64, 16 if fp32 else min(key.rank_block, 32)
+    num_stages = 2 if key.rank <= block_r and not fp32 else 3
+    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
+                        num_stages=num_stages)
 
 
 def heuristic(key: ShapeKey, num_sms: int) -> Config:

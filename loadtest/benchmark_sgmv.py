@@ -15,6 +15,11 @@ out written, and read too for expand); for prefill also TFLOP/s next to a dense 
 the same shape and FLOPs measured in the same run (the ceiling for the same arithmetic).
 Each case is checked once against the torch backend before timing.
 
+Dtypes are the engine's: x, the pools and out in the model dtype (--dtype, bfloat16), v (the
+shrink output, the expand input) float32 as engine/lora.py keeps it, so expand is a tf32 dot;
+--v-dtype bfloat16 times a bf16 v instead (a bf16 dot), --v-dtype both times each case with
+both (loadtest/sgmv_precision.py measures what each costs in accuracy).
+
 Run:  .venv/bin/python -m loramux.loadtest.benchmark_sgmv [--mode decode] [--json out.json]
 """
 
@@ -40,6 +45,7 @@ class Result:
 
     mode: str  # decode | prefill
     op: str  # shrink | expand
+    v_dtype: str  # float32 (the engine's) | bfloat16
     rows: int  # T
     adapters: int  # distinct adapters in the batch
     rank: int
@@ -129,29 +135,38 @@ def _dense_tflops(mode: str, flops: float, dense: Callable[[], object],
     return flops / time_ms(dense, args, flush) / 1e9
 
 
+def v_dtypes(choice: str) -> list[str]:
+    """The v dtypes --v-dtype asks for, the engine's (float32) first."""
+    return ["float32", "bfloat16"] if choice == "both" else [choice]
+
+
 def run_case(
     args: argparse.Namespace, mode: str, rows: int, adapters: int, rank: int,
     flush: torch.Tensor | None,
 ) -> list[Result]:
-    """Time shrink once (it does not depend on O) and expand for every --out-features width."""
+    """Per v dtype, time shrink once (it does not depend on O) and expand for every
+    --out-features width."""
     results: list[Result] = []
-    for i, out_features in enumerate(args.out_features):
-        results += _measure(args, mode, rows, adapters, rank, out_features, i == 0, flush)
+    for v_dtype in v_dtypes(args.v_dtype):
+        for i, out_features in enumerate(args.out_features):
+            results += _measure(args, mode, rows, adapters, rank, out_features, v_dtype, i == 0,
+                                flush)
     return results
 
 
 def _measure(
     args: argparse.Namespace, mode: str, rows: int, adapters: int, rank: int, out_features: int,
-    with_shrink: bool, flush: torch.Tensor | None,
+    v_dtype: str, with_shrink: bool, flush: torch.Tensor | None,
 ) -> list[Result]:
     """Check one case against the torch backend, then time expand (and shrink if asked)."""
     dtype = DTYPES[args.dtype]
     size = torch.tensor([], dtype=dtype).element_size()
+    v_size = torch.tensor([], dtype=DTYPES[v_dtype]).element_size()
     hidden = args.hidden
     used = min(adapters, rows)  # adapters whose weights the batch touches
     batch = make_batch(mode, rows, adapters, rank, hidden, out_features, dtype)
     x = torch.randn(rows, hidden, device="cuda").to(dtype)  # [T, H]
-    v = torch.zeros(rows, rank, device="cuda", dtype=dtype)  # [T, r]
+    v = torch.zeros(rows, rank, device="cuda", dtype=DTYPES[v_dtype])  # [T, r]
     out = torch.zeros(rows, out_features, device="cuda", dtype=dtype)  # [T, O]
 
     def shrink(backend: Backend = "triton") -> torch.Tensor:
@@ -173,31 +188,33 @@ def _measure(
     results = []
     if with_shrink:
         flops = 2.0 * rows * hidden * rank
-        nbytes = (rows * hidden + used * rank * hidden + rows * rank) * size
+        nbytes = (rows * hidden + used * rank * hidden) * size + rows * rank * v_size
         a = batch.a_pool[: rank * hidden].view(rank, hidden)  # [r, H]
         ms = time_ms(shrink, args, flush)
         dense = _dense_tflops(mode, flops, lambda: x @ a.T, args, flush)
-        results.append(Result(mode, "shrink", rows, adapters, rank, hidden, rank, ms,
+        results.append(Result(mode, "shrink", v_dtype, rows, adapters, rank, hidden, rank, ms,
                               nbytes / ms / 1e6, flops / ms / 1e9, dense))
     flops = 2.0 * rows * rank * out_features
     # out is read and written: expand adds in place.
-    nbytes = (rows * rank + used * out_features * rank + 2 * rows * out_features) * size
+    nbytes = (used * out_features * rank + 2 * rows * out_features) * size + rows * rank * v_size
     b = batch.b_pool[: out_features * rank].view(out_features, rank)  # [O, r]
     ms = time_ms(expand, args, flush)
-    dense = _dense_tflops(mode, flops, lambda: v @ b.T, args, flush)
-    results.append(Result(mode, "expand", rows, adapters, rank, rank, out_features, ms,
+    v_dense = v.to(dtype)  # the dense ceiling is a model-dtype matmul whatever v's dtype
+    dense = _dense_tflops(mode, flops, lambda: v_dense @ b.T, args, flush)
+    results.append(Result(mode, "expand", v_dtype, rows, adapters, rank, rank, out_features, ms,
                           nbytes / ms / 1e6, flops / ms / 1e9, dense))
     return results
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'mode':8} {'op':6} {'rows':>5} {'adapt':>5} {'rank':>4} {'in':>6} {'out':>6} "
-              f"{'us':>9} {'GB/s':>8} {'TFLOP/s':>8} {'dense':>8}")
+    header = (f"{'mode':8} {'op':6} {'v':4} {'rows':>5} {'adapt':>5} {'rank':>4} {'in':>6} "
+              f"{'out':>6} {'us':>9} {'GB/s':>8} {'TFLOP/s':>8} {'dense':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
         dense = f"{r.dense_tflops:8.1f}" if r.dense_tflops is not None else f"{'':8}"
-        print(f"{r.mode:8} {r.op:6} {r.rows:5d} {r.adapters:5d} {r.rank:4d} {r.inner:6d} "
+        v = {"float32": "fp32", "bfloat16": "bf16"}[r.v_dtype]
+        print(f"{r.mode:8} {r.op:6} {v:4} {r.rows:5d} {r.adapters:5d} {r.rank:4d} {r.inner:6d} "
               f"{r.outer:6d} {r.ms * 1e3:9.1f} {r.gbps:8.0f} {r.tflops:8.2f} {dense}")
 
 
@@ -214,7 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=4096, help="H, the shrink input width")
     parser.add_argument("--out-features", type=int, nargs="+", default=[4096, 11008],
                         help="O, the expand output width")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="x's, the pools' and out's (the model dtype)")
+    parser.add_argument("--v-dtype", choices=("float32", "bfloat16", "both"), default="float32",
+                        help="v's, the shrink output: float32 is the engine's")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--cuda-graph", action="store_true",
@@ -242,12 +262,13 @@ def main(argv: list[str] | None = None) -> None:
             for adapters in adapter_counts:
                 for rank in args.ranks:
                     results += run_case(args, mode, rows, adapters, rank, flush)
-    print(f"{torch.cuda.get_device_name()}, {args.dtype}, H={args.hidden}, "
-          f"L2 {'flushed' if args.flush_l2 else 'warm'}")
+    print(f"{torch.cuda.get_device_name()}, {args.dtype}, v {args.v_dtype}, "
+          f"H={args.hidden}, L2 {'flushed' if args.flush_l2 else 'warm'}")
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype,
+                       "v_dtype": args.v_dtype,
                        "results": [asdict(r) for r in results]}, f, indent=2)
 
 

@@ -603,8 +603,9 @@ def test_tuned_table_overrides_the_heuristic(monkeypatch: pytest.MonkeyPatch) ->
     shrink = ShrinkConfig(block_m=32, split_k=2)
     expand = ExpandConfig(block_m=32, block_n=32)
     table = TunedTable().with_entries(name, {
-        sgmv.shape_key("shrink", rows, segments, p.x.shape[1], p.max_rank): shrink,
-        sgmv.shape_key("expand", rows, segments, p.b64[0].shape[0], p.max_rank): expand,
+        sgmv.shape_key("shrink", rows, segments, p.x.shape[1], p.max_rank, p.a_pool.dtype): shrink,
+        sgmv.shape_key("expand", rows, segments, p.b64[0].shape[0], p.max_rank,
+                       p.a_pool.dtype): expand,
     })
     monkeypatch.setattr(sgmv, "TUNED_TABLE", table)
     launch_shrink, launch_expand = sgmv.launch_shrink, sgmv.launch_expand
@@ -628,18 +629,20 @@ def test_heuristics_fill_an_h100_and_stay_valid() -> None:
     """Decode splits the hidden dimension to fill 132 SMs; prefill splits little; all valid."""
     from loramux.kernels.sgmv_config import ShapeKey, expand_heuristic, shrink_heuristic
 
-    decode = shrink_heuristic(ShapeKey("shrink", "decode", 4096, 16, 32), 132)
+    decode = shrink_heuristic(ShapeKey("shrink", "decode", 4096, 16, 32, "bf16"), 132)
     assert decode.block_m == 16 and decode.split_k > 1
-    prefill = shrink_heuristic(ShapeKey("shrink", "prefill", 4096, 64, 4096), 132)
+    prefill = shrink_heuristic(ShapeKey("shrink", "prefill", 4096, 64, 4096, "bf16"), 132)
     assert prefill.block_m == 64 and prefill.split_k <= 4
-    one = expand_heuristic(ShapeKey("expand", "decode", 4096, 16, 1), 132)
+    one = expand_heuristic(ShapeKey("expand", "decode", 4096, 16, 1, "bf16"), 132)
     assert one.block_n < 128  # one decode row: narrower output blocks for more programs
     for regime in ("decode", "prefill"):
         for bucket in (1, 64, 4096, 8192):
             for rank in (16, 32, 64, 128):
-                # __post_init__ validates the block sizes
-                shrink_heuristic(ShapeKey("shrink", regime, 4096, rank, bucket), 132)
-                expand_heuristic(ShapeKey("expand", regime, 11008, rank, bucket), 132)
+                for dtype in ("bf16", "fp16", "fp32"):
+                    # __post_init__ validates the block sizes
+                    shrink_heuristic(ShapeKey("shrink", regime, 4096, rank, bucket, dtype), 132)
+                    expand_heuristic(ShapeKey("expand", regime, 11008, rank, bucket, dtype),
+                                     132)
 
 
 # --- launchers --------------------------------------------------------------------------------
@@ -687,8 +690,8 @@ def test_launcher_uses_tuned_configs_and_its_partials(split_k: int) -> None:
     for regime in REGIMES:
         for bucket in heuristic_buckets(regime, rows if regime == "prefill" else segments):
             r = rank_bucket(p.max_rank)
-            entries[ShapeKey("shrink", regime, hidden, r, bucket)] = shrink
-            entries[ShapeKey("expand", regime, out_features, r, bucket)] = expand
+            entries[ShapeKey("shrink", regime, hidden, r, bucket, "fp32")] = shrink
+            entries[ShapeKey("expand", regime, out_features, r, bucket, "fp32")] = expand
     table = TunedTable().with_entries("cpu" if DEVICE.type == "cpu" else
                                       torch.cuda.get_device_name(), entries)
     launcher = _launcher("triton", p, torch.float32, table=table)
