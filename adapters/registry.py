@@ -69,7 +69,7 @@ from typing import Any, TypeVar
 import torch
 
 from loramux.adapters.config import RegistryConfig
-from loramux.adapters.host_cache import HostAdapter, HostCache, full_rank_numel, pack
+from loramux.adapters.host_cache import HostAdapter, HostCache, pack
 from loramux.adapters.peft import (
     CONFIG_FILE,
     NAME_RE,
@@ -81,6 +81,7 @@ from loramux.adapters.peft import (
     read_adapter,
 )
 from loramux.adapters.pool import DevicePool, Resident
+from loramux.adapters.sizing import size_pool
 from loramux.adapters.types import (
     MODULES,
     AdapterError,
@@ -238,7 +239,11 @@ class AdapterRegistry:
         dtype: torch.dtype = torch.float32,
         *,
         clock: Callable[[], float] = time.monotonic,
+        max_num_seqs: int = 1,
     ) -> None:
+        """`max_num_seqs`: the engine's sequences per step; without a --max-gpu-adapters cap
+        the pool has at least that many slots, so every row of a step may have its own
+        adapter (adapters/sizing.py)."""
         self.config = config
         self.base = base
         self.device = torch.device(device)
@@ -246,12 +251,12 @@ class AdapterRegistry:
         self.limits = ValidationLimits(max_lora_rank=config.max_lora_rank,
                                        max_adapter_bytes=config.max_adapter_bytes,
                                        allow_pickle=config.allow_pickle)
-        element = torch.empty((), dtype=dtype).element_size()
-        capacity = (config.gpu_pool_bytes // element if config.gpu_pool_bytes is not None
-                    else full_rank_numel(base, config.max_lora_rank) * config.max_gpu_adapters)
-        self._pool = DevicePool(base, num_slots=config.max_gpu_adapters,
-                                capacity_elements=capacity, max_rank=config.max_lora_rank,
-                                device=self.device, dtype=dtype)
+        self.pool_size = size_pool(config, base, dtype, self.device, max_num_seqs=max_num_seqs)
+        self._element = torch.empty((), dtype=dtype).element_size()
+        self._pool = DevicePool(base, num_slots=self.pool_size.num_slots,
+                                capacity_elements=self.pool_size.capacity_bytes // self._element,
+                                max_rank=config.max_lora_rank, device=self.device, dtype=dtype)
+        self._log_pool()
         self.tables: LoraTables = self._pool.tables
         self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
         # Pinned buffers are rounded up to a power of two by torch's host allocator: the
@@ -542,8 +547,21 @@ class AdapterRegistry:
 
     @property
     def max_slots(self) -> int:
-        """Accelerator adapter capacity (metrics' `max_lora`)."""
+        """Accelerator adapter slots: the most adapters resident at once (metrics'
+        `max_lora`); the pool's bytes may bind first (`pool_capacity`)."""
         return self._pool.num_slots
+
+    def pool_capacity(self, rank: int) -> int:
+        """How many adapters of `rank` on every projection the accelerator pool holds."""
+        return self.pool_size.adapters_at(self.base, rank, self._element)
+
+    def _log_pool(self) -> None:
+        size, top = self.pool_size, self.config.max_lora_rank
+        smaller = ", ".join(f"{self.pool_capacity(r)} at rank {r}" for r in (16, 8) if r < top)
+        log.info("adapter pool: %.2f GiB on %s (%s), %d slots; it holds %d adapters of rank "
+                 "%d (--max-lora-rank) on every projection%s", size.capacity_bytes / 2**30,
+                 self.device, size.source, size.num_slots, self.pool_capacity(top), top,
+                 f" ({smaller})" if smaller else "")
 
     def ready(self) -> bool:
         """Whether every pinned adapter is resident (gate readiness on it)."""

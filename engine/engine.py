@@ -104,8 +104,11 @@ class LLMEngine:
 
         model, tokenizer = load_hf_model(config)
         weight = model.model.embed_tokens.weight
+        # Built before the engine sizes its KV cache: on CUDA the adapter pool takes its share
+        # of the memory the weights left, and the cache's default is of what the pool left.
         registry = AdapterRegistry(config.registry, BaseSpec.from_hf_config(model.config),
-                                   weight.device, weight.dtype)
+                                   weight.device, weight.dtype,
+                                   max_num_seqs=config.max_num_seqs)
         registry.start()
         return cls(model, config, tokenizer=tokenizer, adapters=registry)
 

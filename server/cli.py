@@ -91,6 +91,22 @@ def _add(parser: Any, flag: str, *, help: str, default_text: str | None = None,
     parser.add_argument(flag, **kwargs)
 
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str | int) -> int:
+    """Bytes from `123`, `512M`, `8G`, `8GiB` or `1.5G` (suffixes are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size like 8G or 1073741824, got {text!r}")
+    value = int(float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return value
+
+
 def _adapter_pair(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -137,8 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
          help="adapter name kept resident on the accelerator (repeatable)")
     _add(adapters, "--allow-pickle", action="store_true", default=False,
          help="accept adapter_model.bin pickle files (unsafe: pickles can run code)")
-    _add(adapters, "--max-gpu-adapters", type=int, default=16, metavar="N",
-         help="accelerator adapter slots")
+    _add(adapters, "--max-gpu-adapters", type=int, metavar="N",
+         help="cap on the adapters resident on the accelerator at once (its slots)",
+         default_text="no cap: as many as the adapter pool's bytes hold")
+    _add(adapters, "--adapter-pool-bytes", type=_byte_size, metavar="BYTES",
+         help="accelerator adapter pool size, each adapter taking bytes in proportion to its "
+              "ranks (a number, or with a K/M/G/T suffix: 8G)",
+         default_text="--adapter-pool-fraction of free memory on CUDA; on CPU 2 GiB, at most "
+                      "1/8 of host memory")
+    _add(adapters, "--adapter-pool-fraction", type=float, default=0.10, metavar="F",
+         help="CUDA: share of the memory free after the weights that the adapter pool takes, "
+              "before the KV cache is sized from what is left")
     _add(adapters, "--max-cpu-adapters", type=int, default=64, metavar="N",
          help="adapters kept in host memory")
     _add(adapters, "--max-lora-rank", type=int, default=64, metavar="R",
@@ -236,7 +261,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     registry = RegistryConfig(
         adapters=adapters,
         adapter_root=Path(args.adapter_root) if args.adapter_root else None,
-        max_gpu_adapters=int(args.max_gpu_adapters),
+        max_gpu_adapters=int(args.max_gpu_adapters) if args.max_gpu_adapters else None,
+        gpu_pool_bytes=_byte_size(args.adapter_pool_bytes) if args.adapter_pool_bytes else None,
+        gpu_pool_fraction=float(args.adapter_pool_fraction),
         max_cpu_adapters=int(args.max_cpu_adapters),
         max_lora_rank=int(args.max_lora_rank),
         desired_set=Path(args.adapter_desired_set) if args.adapter_desired_set else None,

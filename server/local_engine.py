@@ -235,7 +235,8 @@ class LocalEngineClient:
     def stats(self) -> RuntimeStats:
         now = time.time()
         if self._engine is None:
-            return RuntimeStats(max_lora=self.config.registry.max_gpu_adapters, timestamp=now)
+            return RuntimeStats(max_lora=self.config.registry.max_gpu_adapters or 0,
+                                timestamp=now)
         engine_stats = self._engine.stats()
         registry = self.registry
         tiers: dict[str, int] = {}
@@ -245,7 +246,9 @@ class LocalEngineClient:
         loads = page_ins = 0
         evictions: dict[str, int] = {}
         load_latency = page_in_latency = (0, 0.0)
-        max_lora = self.config.registry.max_gpu_adapters
+        max_lora = self.config.registry.max_gpu_adapters or 0
+        pool_capacity: dict[int, int] = {}
+        pool_bytes: dict[str, int] = {}
         references = 0
         if registry is not None:
             for row in registry.list():
@@ -264,6 +267,11 @@ class LocalEngineClient:
             load_latency = self._load_latency.update(s.loads, s.load_seconds)
             page_in_latency = self._page_in_latency.update(s.page_ins, s.page_in_seconds)
             max_lora = int(registry.max_slots)
+            pool_capacity = {rank: int(registry.pool_capacity(rank))
+                             for rank in _capacity_ranks(self.config.registry.max_lora_rank)}
+            memory = registry.memory()
+            pool_bytes = {"used": memory["device_used_bytes"],
+                          "capacity": memory["device_capacity_bytes"]}
         return RuntimeStats(
             num_waiting=engine_stats.num_waiting, num_running=engine_stats.num_running,
             kv_cache_usage=float(engine_stats.kv_cache_usage),
@@ -274,6 +282,7 @@ class LocalEngineClient:
             adapter_page_ins=page_ins,
             adapter_evictions=evictions, adapter_load_seconds=load_latency,
             adapter_page_in_seconds=page_in_latency, adapter_references=references,
+            adapter_pool_capacity=pool_capacity, adapter_pool_bytes=pool_bytes,
             preemptions=int(engine_stats.num_preemptions), timestamp=now,
         )
 
@@ -331,6 +340,11 @@ class LocalEngineClient:
     async def unpin_adapter(self, name: str) -> AdapterRow:
         await asyncio.to_thread(self.registry.unpin, name)
         return self._current(name)
+
+
+def _capacity_ranks(max_rank: int) -> list[int]:
+    """The ranks /metrics reports pool capacity at: 8, 16 and --max-lora-rank, at most it."""
+    return sorted({r for r in (8, 16) if r < max_rank} | {max_rank})
 
 
 def _unique(names: Any) -> list[str]:

@@ -15,6 +15,10 @@ Two kinds of series:
 adapter names; a custom collector builds the family afresh on every scrape, so only the
 current label set exists and routers never see a stale one.
 
+The accelerator pool's size, for capacity planning: `loramux_adapter_pool_capacity{rank}`,
+how many adapters of that rank on every projection it holds (ranks 8, 16 and --max-lora-rank),
+and `loramux_adapter_pool_bytes{state="used"|"capacity"}`.
+
 Where each adapter lives is one series per adapter and tier, not a comma-joined label:
 
     loramux_adapter_resident{adapter, tier}   versions of `adapter` whose furthest tier is `tier`
@@ -61,6 +65,9 @@ class RuntimeStats:
     batch_size: int = 0  # sequences in the last step
     batch_tokens: int = 0  # tokens in the last step
     max_lora: int = 0  # accelerator adapter slots
+    # rank -> adapters of that rank on every projection the accelerator pool holds
+    adapter_pool_capacity: dict[int, int] = field(default_factory=dict)
+    adapter_pool_bytes: dict[str, int] = field(default_factory=dict)  # "used", "capacity"
     running_adapters: Sequence[str] = ()  # resident on the accelerator
     waiting_adapters: Sequence[str] = ()  # wanted by waiting requests, not resident
     adapters_per_tier: dict[str, int] = field(default_factory=dict)
@@ -124,6 +131,19 @@ class _RuntimeCollector(Collector):
         yield gauge("loramux_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.",
                     s.kv_cache_usage)
         yield gauge("loramux_max_lora", "Accelerator adapter slots.", s.max_lora)
+        capacity = GaugeMetricFamily(
+            "loramux_adapter_pool_capacity",
+            "Adapters of a rank on every projection that the accelerator pool holds (its "
+            "bytes and slots both).", labels=["rank"])
+        for rank, count in sorted(s.adapter_pool_capacity.items()):
+            capacity.add_metric([str(rank)], count)
+        yield capacity
+        pool_bytes = GaugeMetricFamily("loramux_adapter_pool_bytes",
+                                       "Accelerator adapter pool bytes, used and capacity.",
+                                       labels=["state"])
+        for state in ("used", "capacity"):
+            pool_bytes.add_metric([state], s.adapter_pool_bytes.get(state, 0))
+        yield pool_bytes
         # Both fall back to 0 when idle: a leak of either shows as a non-zero idle value.
         yield gauge("loramux_adapter_references",
                     "Adapter references held by running requests (0 when idle).",
