@@ -34,6 +34,10 @@ class RegistryConfig:
     pinned: tuple[str, ...] = field(default=())
     # Fairness (adapters/registry.py): a waiter older than this may close hot adapters' room.
     fairness_wait_s: float = 1.0
+    # ... and a request parked mid-run (it has its first token) after this long: its turn on
+    # the device comes less often than a new request's, so adapters are not swapped every
+    # few steps when more are in use than fit (each swap costs a page-in and a bubble).
+    parked_wait_s: float = 4.0
     # A prefetch or acquire wish lapses after this long without a renewal (request gone).
     want_ttl_s: float = 60.0
 
@@ -50,8 +54,8 @@ class RegistryConfig:
             raise ValueError("gpu_pool_fraction must be in (0, 1)")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError("max_lora_rank must be in 1..1024")
-        if self.fairness_wait_s < 0 or self.want_ttl_s <= 0:
-            raise ValueError("fairness_wait_s must be >= 0 and want_ttl_s > 0")
+        if self.fairness_wait_s < 0 or self.parked_wait_s < 0 or self.want_ttl_s <= 0:
+            raise ValueError("fairness_wait_s and parked_wait_s must be >= 0 and want_ttl_s > 0")
         names = [name for name, _ in self.adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names given twice: {sorted(names)}")

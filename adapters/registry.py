@@ -42,8 +42,16 @@ from its first want:
      (new requests for them wait and age like any other) while their running requests finish.
      On their last release they are evicted and the starving waiter gets the room; closures
      are recomputed on every pass.
-So no adapter waits much longer than `fairness_wait_s` plus the remaining run of the requests
-holding the room it needs, however hot the others are. A waiter that even evicting every
+  3. The engine does not wait for those requests to finish: every step it `park`s the running
+     requests of closed adapters (`yielding`), which give their reference back and keep their
+     KV cache. A parked reference keeps its version alive (an unload frees it only when the
+     parked requests end too) and wants it back like any waiter; `acquire(ref, parked=True)`
+     takes it again. Adapters thus take turns on the device when more are in use than fit.
+     A want of parked requests only (they have their first token) starves after
+     `parked_wait_s` rather than `fairness_wait_s`, so turns last several steps: new requests
+     get the room quickly, running ones are not swapped out every few steps.
+So no adapter waits much longer than `fairness_wait_s` plus a step and a page-in per older
+starving waiter, however hot the others are. A waiter that even evicting every
 unpinned adapter could not place (pins fill the pool) is skipped rather than blocking others.
 A want lapses if neither `prefetch` nor `acquire` touches it for `want_ttl_s`.
 """
@@ -170,6 +178,7 @@ class RegistryStats:
     state_write_failures: int = 0  # runtime changes that could not be written to state_file
     device_evictions: int = 0  # LRU evictions (frees of drained versions are not counted)
     host_evictions: int = 0
+    parks: int = 0  # references given back mid-request for a starving waiter (`park`)
     load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
     disk_read_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
     page_in_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
@@ -191,6 +200,13 @@ class _Version:
     error_at: float = 0.0  # registry clock at that failure
     error_count: int = 0  # consecutive failed re-reads (0 after a good one or a reload)
     last_use: float | None = None
+    parked: int = 0  # references given back mid-request (`park`) and not yet taken again
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests may still page it in: not retired, or retired with requests
+        parked mid-run that will take it again (an unload waits for them)."""
+        return not self.retired or self.parked > 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +222,7 @@ class _Want:
     since: float  # first want: the age the fairness rule uses
     touched: float
     pinned: bool = False  # pins never lapse
+    parked: bool = False  # wanted back by requests parked mid-run: starves after parked_wait_s
 
 
 @dataclass
@@ -478,10 +495,13 @@ class AdapterRegistry:
                 self._want(ref)
                 self._cond.notify_all()
 
-    def acquire(self, ref: AdapterRef) -> int | None:
+    def acquire(self, ref: AdapterRef, *, parked: bool = False) -> int | None:
         """The device slot of `ref` with its reference count raised, or None while it pages in.
 
-        A slot returned here is never evicted or reused until the matching `release`. Raises
+        A slot returned here is never evicted or reused until the matching `release`.
+        `parked`: the caller gave its reference back with `park` and takes it again (allowed
+        for an unloaded version that is still draining; on success the parked hold becomes
+        the reference). Raises
         AdapterNotFound for a version that was superseded or unloaded and has drained (the
         engine moves a request that has not started to `current(name)`, or fails it if the
         name is gone), and AdapterError for a version that can no longer be paged in (its
@@ -493,16 +513,21 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"{ref.name} version {ref.version} is no longer loaded")
             if version.error is not None:
                 raise version.error
+            if parked and version.parked <= 0:
+                raise ValueError(f"acquire(parked=True) of {ref} without a matching park")
             resident = self._pool.get(ref)
             if resident is not None and resident.ready and ref not in self._closed:
                 resident.refcount += 1
                 resident.last_use = self._clock()
                 version.last_use = time.time()
+                version.parked -= parked
                 self._wants.pop(ref, None)
                 return resident.slot
-            if version.retired:
+            if version.retired and not parked:
                 raise AdapterNotFound(f"{ref.name} version {ref.version} is draining")
             self._want(ref)
+            if not parked:  # a new request waits: the adapter gets the new request's patience
+                self._wants[ref].parked = False
             self._cond.notify_all()
             return None
 
@@ -518,6 +543,40 @@ class AdapterRegistry:
                 if version is not None and version.retired:
                     self._free_if_drained(version)
                 self._cond.notify_all()  # the room may be what a waiter needs
+
+    def yielding(self) -> frozenset[AdapterRef]:
+        """Referenced versions the fairness rule has closed for a starving waiter: holders
+        that can give their reference back mid-request (`park`) should do so."""
+        with self._lock:
+            return frozenset(self._closed)
+
+    def park(self, ref: AdapterRef) -> None:
+        """Give back one reference taken by `acquire`, keeping the version for the caller:
+        the device may evict it, nothing frees it, and it is wanted back (a waiter aged from
+        now). Take it again with `acquire(ref, parked=True)`, or drop it with `unpark`."""
+        with self._cond:
+            resident = self._pool.get(ref)
+            version = self._versions.get(ref)
+            if resident is None or resident.refcount <= 0 or version is None:
+                raise ValueError(f"park of {ref} without a matching acquire")
+            resident.refcount -= 1
+            version.parked += 1
+            self.stats.parks += 1
+            fresh = ref not in self._wants
+            self._want(ref)
+            if fresh:
+                self._wants[ref].parked = True
+            self._cond.notify_all()  # the room may be what a waiter needs
+
+    def unpark(self, ref: AdapterRef) -> None:
+        """Drop a parked hold without taking the reference again (its request ended)."""
+        with self._cond:
+            version = self._versions.get(ref)
+            if version is None or version.parked <= 0:
+                raise ValueError(f"unpark of {ref} without a matching park")
+            version.parked -= 1
+            if version.retired:
+                self._free_if_drained(version)
 
     def acquire_wait(self, ref: AdapterRef, timeout: float = 30.0) -> int:
         """`acquire`, waiting up to `timeout` s for the page-in (tests, warm-up; not the step
@@ -940,6 +999,8 @@ class AdapterRegistry:
     def _free_if_drained(self, version: _Version) -> None:
         """Free a retired version's device region and host buffer once nothing uses them."""
         ref = version.ref
+        if version.parked > 0:
+            return  # requests parked mid-run take it again; the last unpark calls again
         resident = self._pool.get(ref)
         if resident is not None:
             if resident.refcount > 0 or not resident.ready:
@@ -1009,7 +1070,7 @@ class AdapterRegistry:
         self._closed = set()
         for ref, want in sorted(self._wants.items(), key=lambda kv: kv[1].since):
             version = self._versions.get(ref)
-            if version is None or version.retired or version.error is not None:
+            if version is None or not version.serving or version.error is not None:
                 del self._wants[ref]
                 continue
             if not want.pinned and now - want.touched > self.config.want_ttl_s:
@@ -1027,7 +1088,8 @@ class AdapterRegistry:
                 resident.pinned = version.pinned
                 return _PageIn(ref=ref, resident=resident, host=self._host.hold(ref),
                                since=since)
-            if now - since >= self.config.fairness_wait_s:
+            patience = self.config.parked_wait_s if want.parked else self.config.fairness_wait_s
+            if now - since >= patience:
                 needed = self._pool.victims_for(version.numel, lambda r: True, referenced=True)
                 if needed is not None:  # else pins fill the pool: skip it, block nobody
                     self._closed = {r.key for r in needed if r.refcount > 0}  # type: ignore[misc]
@@ -1099,7 +1161,7 @@ class AdapterRegistry:
                     job.error_count += 1
                     job.error_at = self._clock()
                     self._wants.pop(job.ref, None)
-                elif job.ref in self._versions and not job.retired:
+                elif job.ref in self._versions and job.serving:
                     job.error_count = 0  # read back fine: the next failure backs off from 1 s
                     self.stats.disk_reads += 1
                     self.stats.disk_read_seconds.append(time.perf_counter() - started)
@@ -1111,7 +1173,7 @@ class AdapterRegistry:
         """Under the lock: the oldest waiter that is only on disk, if the host has room."""
         for ref, _ in sorted(self._wants.items(), key=lambda kv: kv[1].since):
             version = self._versions.get(ref)
-            if (version is None or version.retired or version.error is not None
+            if (version is None or not version.serving or version.error is not None
                     or ref in self._host or ref in self._reading or self._pool.get(ref)):
                 continue
             if self._host.room_for(version.result.size_bytes, self._host_evictable) is None:

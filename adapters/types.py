@@ -112,11 +112,24 @@ class AdapterSource(Protocol):
         """Start paging `ref` towards the device if it is not there; returns at once."""
         ...
 
-    def acquire(self, ref: AdapterRef) -> int | None:
+    def acquire(self, ref: AdapterRef, *, parked: bool = False) -> int | None:
         """The device slot of `ref` with its reference count raised, or None while it pages in.
 
         A slot returned here is never evicted or reused until the matching `release`.
+        `parked`: take back a reference given up with `park`.
         """
+        ...
+
+    def yielding(self) -> frozenset[AdapterRef]:
+        """Referenced versions whose holders should `park` (a starving waiter needs the room)."""
+        ...
+
+    def park(self, ref: AdapterRef) -> None:
+        """Give one reference back mid-request, keeping the version alive for the holder."""
+        ...
+
+    def unpark(self, ref: AdapterRef) -> None:
+        """Drop a parked hold without taking the reference again."""
         ...
 
     def release(self, ref: AdapterRef) -> None:

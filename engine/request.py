@@ -37,6 +37,10 @@ class Sequence:
         kept until the sequence finishes or is aborted, *including while it is preempted*, so a
         preempted request never waits for its adapter to page in again and the registry never
         evicts an adapter that queued work still needs;
+      - parked <=> the sequence gave its reference back mid-run because the registry asked
+        (`AdapterSource.park`, for a starving waiter): it keeps its KV blocks and its place,
+        holds no slot, and is scheduled again once `acquire(adapter, parked=True)` succeeds;
+        never both holds_adapter and parked;
       - a WAITING sequence has no KV blocks.
     """
 
@@ -54,6 +58,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     slot: int | None = None
     holds_adapter: bool = False
+    parked: bool = False
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -18,6 +18,11 @@ Policy (every step):
 
 Adapter references: a sequence acquires its adapter when first admitted and releases it when
 it finishes or is aborted. It keeps the reference while preempted (see request.Sequence).
+Before each step, sequences holding an adapter that the registry closed for a starving waiter
+(`yielding`) are *parked*: they give the reference back, keep their KV blocks and their age,
+and are skipped until their adapter can be acquired again, so a waiter gets the room within a
+step instead of after the whole run of the requests in its way. When more adapters are in use
+than fit, they take turns on the device; each step serves every row whose adapter is there.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class SchedulerOutput:
 class SchedulerStats:
     preemptions: int = 0
     adapter_waits: int = 0  # times a waiting sequence was skipped because its adapter paged in
+    parks: int = 0  # sequences that gave their adapter back mid-run for a starving waiter
 
 
 class Scheduler:
@@ -111,6 +117,10 @@ class Scheduler:
             self.adapters.release(seq.adapter)
             seq.holds_adapter = False
             seq.slot = None
+        elif seq.parked:
+            assert self.adapters is not None and seq.adapter is not None
+            self.adapters.unpark(seq.adapter)
+            seq.parked = False
 
     # ------------------------------------------------------------------ schedule
 
@@ -119,8 +129,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         i = 0
+        self._park_yielding()
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.parked and not self._acquire(seq, out):
+                if seq in self.running:  # else it failed (its adapter is gone) and left
+                    i += 1  # still parked: skipped this step, KV kept
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._make_room(seq, n, out):
                 break  # seq itself was preempted: everything after it already was too
@@ -162,12 +177,29 @@ class Scheduler:
             budget -= n
         return budget
 
+    def _park_yielding(self) -> None:
+        """Park every sequence holding an adapter the registry asks back (see the module
+        docstring): running ones keep their KV blocks, preempted ones wait as before."""
+        if self.adapters is None:
+            return
+        yielding = self.adapters.yielding()
+        if not yielding:
+            return
+        for seq in (*self.running, *self.waiting):
+            if seq.holds_adapter and seq.adapter in yielding:
+                assert seq.adapter is not None
+                self.adapters.park(seq.adapter)
+                seq.holds_adapter, seq.parked, seq.slot = False, True, None
+                self.stats.parks += 1
+
     def _acquire(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Take seq's adapter reference if it has none yet; False while the adapter pages in
         (or if it is gone, in which case seq is finished with an error)."""
         if seq.adapter is None or seq.holds_adapter:
             return True
         assert self.adapters is not None
+        if seq.parked:
+            return self._resume(seq, out)
         try:
             slot = self.adapters.acquire(seq.adapter)
         except (AdapterNotFound, AdapterError) as exc:
@@ -180,17 +212,39 @@ class Scheduler:
                 self.adapters.prefetch(current)
                 self.stats.adapter_waits += 1
                 return False
-            self.waiting.remove(seq)
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason = "error"
-            seq.error, seq.error_code = _unavailable(seq.adapter.name, exc), "adapter_unavailable"
-            out.failed.append(seq)
+            self._fail_unavailable(seq, exc, out)
             return False
         if slot is None:
             self.stats.adapter_waits += 1
             return False
         seq.slot, seq.holds_adapter = slot, True
         return True
+
+    def _resume(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Take a parked sequence's reference again; False while its adapter is away. If the
+        adapter can no longer be paged in (its files changed on disk), the sequence fails:
+        it already ran on that version, so unlike a new request it cannot move to another."""
+        assert self.adapters is not None and seq.adapter is not None
+        try:
+            slot = self.adapters.acquire(seq.adapter, parked=True)
+        except (AdapterNotFound, AdapterError) as exc:
+            self._fail_unavailable(seq, exc, out)
+            return False
+        if slot is None:
+            self.stats.adapter_waits += 1
+            return False
+        seq.slot, seq.holds_adapter, seq.parked = slot, True, False
+        return True
+
+    def _fail_unavailable(self, seq: Sequence, exc: Exception, out: SchedulerOutput) -> None:
+        """seq's adapter cannot be acquired: it leaves the queues (blocks and any parked hold
+        given back) and finishes with an error naming the rule that failed."""
+        assert seq.adapter is not None
+        self.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = "error"
+        seq.error, seq.error_code = _unavailable(seq.adapter.name, exc), "adapter_unavailable"
+        out.failed.append(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Back to WAITING, KV freed (recomputed later); the adapter reference is kept."""

@@ -2,6 +2,7 @@
 
     python -m loramux.loadtest.benchmarks --out DIR            # the documented run (~15 min)
     python -m loramux.loadtest.benchmarks --out DIR --quick    # a smoke run (~1-2 min)
+    python -m loramux.loadtest.benchmarks --out DIR --residency  # issue 18's run (~15 min)
 
 Four scenarios, every one a closed loop of `loramux loadtest run` (this file only chooses the
 flags and collects what the runs wrote):
@@ -20,6 +21,14 @@ first three scenarios and the resident half of the fourth) and one with S slots.
 (ranks 8 and 16 alternating, all seven projections, random non-zero B) are made once under
 DIR/adapters, which is each server's --adapter-root, and loaded by path through the vLLM
 endpoint before any measurement. Each run sends a few unrecorded warm-up requests first.
+
+`--residency` runs two other scenarios, on servers started with loramux's default flags (no
+slot count, no pool size given: the pool is sized from memory, adapters/sizing.py):
+
+    defaults    N adapters, one per request (distinct), on the defaults, on the defaults with
+                `--max-gpu-adapters N`, the same plan to the base model, and on PEFT
+    pool        M adapters, one per request, on the defaults (all resident) and on a server
+                whose `--adapter-pool-bytes` holds only S of them (S/2 of each rank)
 
 Written to DIR: benchmarks.json (machine, plan, server commands, every scenario's summaries
 and ratios), tables.md (the same figures as Markdown tables), vs-peft.png, overhead.png,
@@ -95,6 +104,12 @@ FULL = Plan(adapters=32, scaling=(1, 4, 16, 64), slot_adapters=64, slots=8, conc
             requests=32, prompt_len=64, output_len=64, warmup=1, rounds=2)
 QUICK = Plan(adapters=4, scaling=(1, 4), slot_adapters=4, slots=2, concurrency=4,
              requests=8, prompt_len=16, output_len=8, warmup=1, run_plots=False)
+# --residency: 32 adapters on the defaults; 64 adapters (64 requests, 32 at a time) over a pool
+# that holds 16. `scaling` is unused.
+RESIDENCY = Plan(adapters=32, scaling=(1,), slot_adapters=64, slots=16, concurrency=32,
+                 requests=32, prompt_len=64, output_len=64, warmup=1, rounds=2)
+RESIDENCY_QUICK = Plan(adapters=4, scaling=(1,), slot_adapters=8, slots=2, concurrency=4,
+                       requests=4, prompt_len=16, output_len=8, warmup=1, run_plots=False)
 
 
 # ============================================================================ servers
@@ -177,6 +192,28 @@ def serve_args(model_dir: str, adapter_root: Path, admin_token: str, slots: int,
             "--max-cpu-adapters", str(max(slots, plan.made)),
             "--max-lora-rank", str(max(plan.ranks)),
             "--max-num-seqs", str(max(plan.concurrency, *plan.scaling))]
+
+
+def default_serve_args(model_dir: str, adapter_root: Path, admin_token: str,
+                       device: str) -> list[str]:
+    """`loramux serve` as a new user starts it: only what names the model, the adapters'
+    folder and the admin token (the load tester loads adapters through the admin API)."""
+    return ["--model", model_dir, "--device", device, "--adapter-root", str(adapter_root),
+            "--admin-token", admin_token]
+
+
+def pool_bytes_for(model_dir: str, ranks: Sequence[int], count: int, dtype_bytes: int) -> int:
+    """Bytes of a pool that holds `count` of the plan's adapters, as many of each rank (in
+    the serving dtype's `dtype_bytes`): each takes its packed size (adapters/host_cache.py)."""
+    from transformers import AutoConfig
+
+    from loramux.adapters.host_cache import full_rank_numel
+    from loramux.adapters.types import BaseSpec
+
+    base = BaseSpec.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    per_rank, extra = divmod(count, len(ranks))
+    return dtype_bytes * sum(full_rank_numel(base, r) * (per_rank + (i < extra))
+                             for i, r in enumerate(ranks))
 
 
 # ============================================================================ adapters
@@ -403,6 +440,69 @@ def scenario_slots(bench: Bench, every: ServerProcess, fewer: ServerProcess) -> 
             "overcommitted_over_resident": ratios(overcommitted.summary, resident.summary)}
 
 
+def scenario_defaults(bench: Bench, default: ServerProcess, capped: ServerProcess
+                      ) -> dict[str, Any]:
+    """N adapters, one per request, on the defaults and with --max-gpu-adapters N; the base
+    model on the defaults; PEFT in process once, between loramux's rounds."""
+    plan = bench.plan
+    n = plan.adapters
+    print(f"\n## defaults: {n} adapters, one per request: defaults, --max-gpu-adapters {n}, "
+          "no adapters, PEFT", flush=True)
+    args = ("--num-adapters", str(n), "--popularity", "distinct")
+    variants: list[Variant] = [
+        (default, "defaults-lora", f"{n} adapters, defaults", args, {}),
+        (capped, "defaults-capped", f"{n} adapters, --max-gpu-adapters {n}", args, {}),
+        (default, "defaults-base", "no adapters", ("--adapters", "none"), {})]
+    rounds: list[list[LoadedResult]] = [[] for _ in variants]
+    peft: LoadedResult | None = None
+    for r in range(plan.rounds):
+        for runs, (server, name, label, run_args, sizes) in zip(rounds, variants):
+            runs.append(bench.run(server, bench.folder(name, r), *run_args, label=label,
+                                  **sizes))
+        if peft is None:
+            peft = bench.peft("defaults-peft", *args, label=f"PEFT, {n} adapters",
+                              warmup=max(1, plan.warmup))
+    assert peft is not None
+    lora, capped_run, base = (best_of(runs) for runs in rounds)
+    plot_compare([base, lora, capped_run, peft], bench.out / "residency-defaults.png",
+                 title=f"{n} adapters, one per request: loramux defaults vs "
+                 f"--max-gpu-adapters {n}, no adapters and PEFT")
+    return {"lora": lora.summary, "capped": capped_run.summary, "base": base.summary,
+            "peft": peft.summary,
+            "lora_over_base": ratios(lora.summary, base.summary),
+            "capped_over_base": ratios(capped_run.summary, base.summary),
+            "lora_over_peft": ratios(lora.summary, peft.summary),
+            "capped_over_peft": ratios(capped_run.summary, peft.summary)}
+
+
+def scenario_pool(bench: Bench, every: ServerProcess, small: ServerProcess,
+                  pool_bytes: int) -> dict[str, Any]:
+    """M adapters, one per request (2 x concurrency requests, so every one of the M is used),
+    on the defaults (all resident) and over a pool that holds S of them."""
+    plan = bench.plan
+    m, s = plan.slot_adapters, plan.slots
+    print(f"\n## pool: {m} adapters, one per request, all resident vs a pool that holds {s} "
+          f"({pool_bytes / 2**20:.1f} MiB)", flush=True)
+    args = ("--num-adapters", str(m), "--popularity", "distinct")
+    sizes = {"requests": m}
+    resident, over = bench.measure([
+        (every, "pool-resident", f"{m} adapters, all resident", args, sizes),
+        (small, "pool-small", f"{m} adapters, pool holds {s}", args, sizes)])
+    page_ins = _counter(over.summary, "loramux_adapter_page_ins_total")
+    plot_compare([resident, over], bench.out / "residency-pool.png",
+                 title=f"{m} adapters, one per request: all resident vs a pool that holds {s} "
+                 f"({page_ins:g} page-ins)")
+    ttft = {k: (over.summary["ttft_s"][k] / resident.summary["ttft_s"][k]
+                if resident.summary["ttft_s"][k] else None) for k in ("p50", "p99")}
+    return {"resident": resident.summary, "small": over.summary, "pool_bytes": pool_bytes,
+            "page_ins": page_ins,
+            "evictions": _counter(over.summary, "loramux_adapter_evictions_total"),
+            "parks": _counter(over.summary, "loramux_adapter_parks_total"),
+            "resident_page_ins": _counter(resident.summary, "loramux_adapter_page_ins_total"),
+            "small_over_resident": ratios(over.summary, resident.summary),
+            "small_over_resident_ttft": ttft}
+
+
 # ============================================================================ the benchmark
 
 
@@ -488,6 +588,52 @@ def run_benchmarks(out: Path, plan: Plan, model_dir: str, *, device: str = "auto
     return doc
 
 
+def run_residency(out: Path, plan: Plan, model_dir: str, *, device: str = "auto",
+                  progress: bool = True, only: str | None = None) -> dict[str, Any]:
+    """The `defaults` and `pool` scenarios; writes OUT/benchmarks.json, OUT/tables.md and the
+    two plots. Three servers run side by side so that their rounds interleave."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    bench = Bench(out, plan, model_dir, device, progress)
+    adapters = cached_adapters(model_dir, out / "adapters", plan)
+    token = secrets.token_hex(16)
+    servers: dict[str, list[str]] = {}
+    scenarios: dict[str, Any] = {}
+    pool_bytes = pool_bytes_for(model_dir, plan.ranks, plan.slots, 4 if device != "cuda" else 2)
+
+    @contextmanager
+    def server(name: str, extra: Sequence[str], prime: int) -> Iterator[ServerProcess]:
+        argv = [*default_serve_args(model_dir, out / "adapters", token, device), *extra]
+        servers[name] = _redact(argv, token)
+        print(f"\n# server {name}: loramux serve {' '.join(servers[name])}", flush=True)
+        with ServerProcess(argv, out / f"server-{name}.log", out) as process:
+            load_all(process.url, adapters, token)
+            bench.prime(process, prime, f"prime-{name}")
+            yield process
+
+    with server("defaults", [], plan.made) as default:
+        if only in (None, "defaults"):
+            with server("capped", ["--max-gpu-adapters", str(plan.adapters)],
+                        plan.adapters) as capped:
+                scenarios["defaults"] = scenario_defaults(bench, default, capped)
+        if only in (None, "pool"):
+            with server("small_pool", ["--adapter-pool-bytes", str(pool_bytes)],
+                        plan.slots) as small:
+                scenarios["pool"] = scenario_pool(bench, default, small, pool_bytes)
+
+    doc = {"schema": SCHEMA, "suite": "residency", "started_at": _utc(started),
+           "finished_at": _utc(time.time()), "elapsed_s": time.time() - started,
+           "command": sys.argv, "machine": machine(), "source": source(), "plan": asdict(plan),
+           "model_dir": model_dir, "servers": servers, "scenarios": scenarios,
+           "load_average_after_run": bench.load,
+           "plots": ["residency-defaults.png", "residency-pool.png"]}
+    write_json(out / "benchmarks.json", doc)
+    (out / "tables.md").write_text(residency_tables(doc))
+    print("\n" + residency_tables(doc), flush=True)
+    return doc
+
+
 def _utc(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -552,6 +698,40 @@ def tables(doc: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def residency_tables(doc: Mapping[str, Any]) -> str:
+    """The figures of a --residency benchmarks.json as Markdown tables."""
+    sc, plan = doc["scenarios"], doc["plan"]
+    n, m, s = plan["adapters"], plan["slot_adapters"], plan["slots"]
+    parts: list[str] = []
+    if "defaults" in sc:
+        parts += _defaults_table(sc["defaults"], n)
+    if "pool" in sc:
+        parts += _pool_table(sc["pool"], m, s)
+    return "\n".join(parts) + "\n"
+
+
+def _defaults_table(d: Mapping[str, Any], n: int) -> list[str]:
+    return [f"### {n} adapters, one per request, on the defaults\n", _head("no adapters"),
+            _row("no adapters", d["base"]),
+             _row(f"{n} adapters, defaults", d["lora"], d["lora_over_base"]),
+             _row(f"{n} adapters, --max-gpu-adapters {n}", d["capped"], d["capped_over_base"]),
+             _row(f"PEFT, {n} adapters", d["peft"]),
+             f"\nvs PEFT (output tok/s): defaults "
+             f"{d['lora_over_peft']['output_tokens_per_s']:.2f}x, --max-gpu-adapters {n} "
+             f"{d['capped_over_peft']['output_tokens_per_s']:.2f}x."]
+
+
+def _pool_table(p: Mapping[str, Any], m: int, s: int) -> list[str]:
+    ttft = p["small_over_resident_ttft"]
+    return [f"\n### {m} adapters, one per request, over a pool that holds {s}\n",
+            _head("all resident"), _row(f"{m} adapters, all resident", p["resident"]),
+            _row(f"pool holds {s}", p["small"], p["small_over_resident"]),
+            f"\nPool of {p['pool_bytes'] / 2**20:.1f} MiB: {p['page_ins']:g} page-ins, "
+            f"{p['evictions']:g} evictions and {p.get('parks', 0):g} parks in the measured run "
+            f"({p['resident_page_ins']:g} page-ins with all resident); TTFT vs all resident: "
+            f"p50 {ttft['p50']:.2f}x, p99 {ttft['p99']:.2f}x."]
+
+
 # ============================================================================ command line
 
 
@@ -562,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True,
                         help="results folder (adapters are cached in OUT/adapters)")
     parser.add_argument("--quick", action="store_true", help="a small plan (~1-2 min)")
+    parser.add_argument("--residency", action="store_true",
+                        help="the defaults and pool scenarios instead (servers on default "
+                        "flags; docs/benchmarks.md#residency)")
     parser.add_argument("--model-dir", help="base model folder (default: the embedded "
                         "SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -569,9 +752,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "there is one)")
     parser.add_argument("--requests", type=int, help="requests per run (overrides the plan)")
     parser.add_argument("--output-len", type=int, help="output tokens per request (overrides)")
+    parser.add_argument("--only", choices=("defaults", "pool"),
+                        help="with --residency: run one of its two scenarios")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    if args.residency:
+        plan = RESIDENCY_QUICK if args.quick else RESIDENCY
+    else:
+        plan = QUICK if args.quick else FULL
     if args.requests:
         plan = replace(plan, requests=args.requests)
     if args.output_len:
@@ -580,7 +768,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loramux.engine.default_model import ensure_default_model
 
         args.model_dir = str(ensure_default_model())
-    run_benchmarks(args.out, plan, args.model_dir, device=args.device, progress=args.progress)
+    if args.residency:
+        run_residency(args.out, plan, args.model_dir, device=args.device,
+                      progress=args.progress, only=args.only)
+    else:
+        run_benchmarks(args.out, plan, args.model_dir, device=args.device,
+                       progress=args.progress)
     return 0
 
 

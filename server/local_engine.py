@@ -243,7 +243,7 @@ class LocalEngineClient:
         residency: dict[tuple[str, str], int] = {}
         running: list[str] = []
         waiting: list[str] = []
-        loads = page_ins = 0
+        loads = page_ins = parks = 0
         evictions: dict[str, int] = {}
         load_latency = page_in_latency = (0, 0.0)
         max_lora = self.config.registry.max_gpu_adapters or 0
@@ -262,11 +262,13 @@ class LocalEngineClient:
             waiting = [n for n in _unique(ref.name for ref in registry.waiting())
                        if n not in resident]
             s = registry.stats
-            loads, page_ins = s.loads, s.page_ins
+            loads, page_ins, parks = s.loads, s.page_ins, s.parks
             evictions = {"device": s.device_evictions, "host": s.host_evictions}
             load_latency = self._load_latency.update(s.loads, s.load_seconds)
             page_in_latency = self._page_in_latency.update(s.page_ins, s.page_in_seconds)
-            max_lora = int(registry.max_slots)
+            # What a router may count on: adapters of the largest allowed rank that fit, slots
+            # and bytes both (the slot count alone would promise ~200 on a default CPU pool).
+            max_lora = int(registry.pool_capacity(self.config.registry.max_lora_rank))
             pool_capacity = {rank: int(registry.pool_capacity(rank))
                              for rank in _capacity_ranks(self.config.registry.max_lora_rank)}
             memory = registry.memory()
@@ -279,7 +281,7 @@ class LocalEngineClient:
             batch_tokens=int(getattr(self._engine, "last_step_tokens", 0)),
             max_lora=max_lora, running_adapters=running, waiting_adapters=waiting,
             adapters_per_tier=tiers, adapter_residency=residency, adapter_loads=loads,
-            adapter_page_ins=page_ins,
+            adapter_page_ins=page_ins, adapter_parks=parks,
             adapter_evictions=evictions, adapter_load_seconds=load_latency,
             adapter_page_in_seconds=page_in_latency, adapter_references=references,
             adapter_pool_capacity=pool_capacity, adapter_pool_bytes=pool_bytes,

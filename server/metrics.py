@@ -64,7 +64,7 @@ class RuntimeStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     batch_size: int = 0  # sequences in the last step
     batch_tokens: int = 0  # tokens in the last step
-    max_lora: int = 0  # accelerator adapter slots
+    max_lora: int = 0  # adapters of --max-lora-rank the accelerator pool holds
     # rank -> adapters of that rank on every projection the accelerator pool holds
     adapter_pool_capacity: dict[int, int] = field(default_factory=dict)
     adapter_pool_bytes: dict[str, int] = field(default_factory=dict)  # "used", "capacity"
@@ -75,6 +75,7 @@ class RuntimeStats:
     adapter_residency: dict[tuple[str, str], int] = field(default_factory=dict)
     adapter_loads: int = 0  # adapters accepted (disk -> registry)
     adapter_page_ins: int = 0  # host -> device copies
+    adapter_parks: int = 0  # references given back mid-request for a starving waiter
     adapter_evictions: dict[str, int] = field(default_factory=dict)  # tier -> count
     adapter_load_seconds: tuple[int, float] = (0, 0.0)  # (count, sum)
     adapter_page_in_seconds: tuple[int, float] = (0, 0.0)  # (count, sum)
@@ -130,7 +131,8 @@ class _RuntimeCollector(Collector):
         yield gauge("loramux_batch_tokens", "Tokens in the last engine step.", s.batch_tokens)
         yield gauge("loramux_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.",
                     s.kv_cache_usage)
-        yield gauge("loramux_max_lora", "Accelerator adapter slots.", s.max_lora)
+        yield gauge("loramux_max_lora", "Adapters of --max-lora-rank the accelerator pool "
+                    "holds at once.", s.max_lora)
         capacity = GaugeMetricFamily(
             "loramux_adapter_pool_capacity",
             "Adapters of a rank on every projection that the accelerator pool holds (its "
@@ -175,6 +177,12 @@ class _RuntimeCollector(Collector):
                                        "Adapter copies from host memory to the accelerator.")
         page_ins.add_metric([], s.adapter_page_ins)
         yield page_ins
+        parks = CounterMetricFamily(
+            "loramux_adapter_parks",
+            "Adapter references given back mid-request so that a starving adapter gets the "
+            "room (the requests keep their KV cache and resume when it is back).")
+        parks.add_metric([], s.adapter_parks)
+        yield parks
         evictions = CounterMetricFamily("loramux_adapter_evictions",
                                         "Adapters evicted from a tier.", labels=["tier"])
         for tier in ("host", "device"):

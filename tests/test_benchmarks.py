@@ -125,3 +125,40 @@ def test_engine_benchmark_counts_the_bytes_a_step_reads(tmp_path: Path) -> None:
     per_rank = config.num_hidden_layers * sum(i + o for i, o in (shapes[m] for m in MODULES))
     assert adapter_bytes(paths, 4) == 4 * (4 + 8) * per_rank
     assert stream_rate(1 << 20, reps=3) > 0
+
+
+def test_residency_quick_run_starts_servers_on_default_flags_and_pages_the_small_pool(
+        tmp_path: Path) -> None:
+    """`--residency --quick`: three servers (the defaults, the defaults with a cap of N, a
+    pool that holds S of the M adapters), every run complete, the small pool paging adapters
+    in while the default one holds every adapter; tables and plots written."""
+    from loramux.loadtest.benchmarks import RESIDENCY_QUICK as PLAN
+    from loramux.loadtest.benchmarks import pool_bytes_for
+
+    model_dir, _, _ = make_model_dir(tmp_path / "tiny-residency", max_positions=1024)
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--residency", "--quick", "--model-dir", str(model_dir),
+                 "--device", "cpu", "--no-progress"]) == 0
+    doc = json.loads((out / "benchmarks.json").read_text())
+    servers = doc["servers"]
+    flags = {name: [a for a in argv if a.startswith("--")] for name, argv in servers.items()}
+    for name in servers:  # only what names the model, the adapters and the admin token
+        extra = set(flags[name]) - {"--model", "--device", "--adapter-root", "--admin-token"}
+        assert extra == {"defaults": set(), "capped": {"--max-gpu-adapters"},
+                         "small_pool": {"--adapter-pool-bytes"}}[name], name
+    small = servers["small_pool"]
+    pool_bytes = pool_bytes_for(str(model_dir), PLAN.ranks, PLAN.slots, 4)
+    assert small[small.index("--adapter-pool-bytes") + 1] == str(pool_bytes)
+    d, p = doc["scenarios"]["defaults"], doc["scenarios"]["pool"]
+    for summary in (d["lora"], d["capped"], d["base"], d["peft"]):
+        assert summary["ok"] == summary["sent"] == PLAN.requests
+    for summary in (p["resident"], p["small"]):
+        assert summary["ok"] == summary["sent"] == PLAN.slot_adapters  # each adapter once
+    assert p["resident_page_ins"] == 0 and p["page_ins"] >= PLAN.slot_adapters - PLAN.slots
+    assert p["pool_bytes"] == pool_bytes
+    assert d["lora_over_base"]["output_tokens_per_s"] == pytest.approx(
+        d["lora"]["output_tokens_per_s"] / d["base"]["output_tokens_per_s"])
+    tables = (out / "tables.md").read_text()
+    assert f"over a pool that holds {PLAN.slots}" in tables and "vs PEFT" in tables
+    for plot in doc["plots"]:
+        assert (out / plot).read_bytes().startswith(PNG_MAGIC)

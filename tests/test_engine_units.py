@@ -324,6 +324,8 @@ class FakeAdapters:
     delay: dict[str, int] = field(default_factory=dict)
     slots: dict[str, int] = field(default_factory=dict)
     refcount: dict[str, int] = field(default_factory=dict)
+    parked: dict[str, int] = field(default_factory=dict)
+    closed: set[str] = field(default_factory=set)  # what `yielding` asks back
     tables: LoraTables | None = None
 
     def resolve(self, name: str) -> AdapterRef:
@@ -335,16 +337,31 @@ class FakeAdapters:
     def prefetch(self, ref: AdapterRef) -> None:
         pass
 
-    def acquire(self, ref: AdapterRef) -> int | None:
-        if self.delay.get(ref.name, 0) > 0:
-            self.delay[ref.name] -= 1
+    def acquire(self, ref: AdapterRef, *, parked: bool = False) -> int | None:
+        if parked:
+            assert self.parked.get(ref.name, 0) > 0
+        if ref.name in self.closed or self.delay.get(ref.name, 0) > 0:
+            if ref.name not in self.closed:
+                self.delay[ref.name] -= 1
             return None
         self.refcount[ref.name] = self.refcount.get(ref.name, 0) + 1
+        self.parked[ref.name] = self.parked.get(ref.name, 0) - parked
         return self.slots.setdefault(ref.name, len(self.slots))
 
     def release(self, ref: AdapterRef) -> None:
         assert self.refcount[ref.name] > 0
         self.refcount[ref.name] -= 1
+
+    def yielding(self) -> frozenset[AdapterRef]:
+        return frozenset(AdapterRef(n, 1, "digest") for n in self.closed)
+
+    def park(self, ref: AdapterRef) -> None:
+        self.release(ref)
+        self.parked[ref.name] = self.parked.get(ref.name, 0) + 1
+
+    def unpark(self, ref: AdapterRef) -> None:
+        assert self.parked[ref.name] > 0
+        self.parked[ref.name] -= 1
 
 
 def _seq(rid: str, n: int, arrival: int, adapter: str | None = None) -> Sequence:
@@ -491,3 +508,55 @@ def test_dense_attention_reference_is_sdpa() -> None:
                                          enable_gqa=True).transpose(0, 1)
     torch.testing.assert_close(_dense_attention(q, k, v, 0, 0.5).float(), ref, atol=1e-5,
                                rtol=1e-5)
+
+
+def test_a_yielded_adapter_parks_its_running_requests_and_they_resume_where_they_were() -> None:
+    """The registry asks an adapter back (`yielding`): its running requests give their
+    references back before the step, keep their KV blocks and computed tokens, are skipped
+    while the adapter is away, and continue from the same position once it is back."""
+    adapters = FakeAdapters()
+    sched = _scheduler(adapters=adapters)
+    hot, other = _seq("hot", 5, 0, "hot"), _seq("other", 5, 1, "other")
+    sched.add(hot)
+    sched.add(other)
+    for _ in range(2):  # prefill, one decode
+        sched.schedule()
+        _finish_step(sched)
+    blocks, computed = list(hot.block_table), hot.num_computed
+    adapters.closed = {"hot"}
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["other"]
+    assert hot.parked and not hot.holds_adapter and hot.slot is None
+    assert adapters.refcount["hot"] == 0 and adapters.parked["hot"] == 1
+    assert hot.block_table == blocks and hot.num_computed == computed and hot in sched.running
+    _finish_step(sched)
+    sched.schedule()  # still closed: still parked, parked once
+    _finish_step(sched)
+    assert sched.stats.parks == 1 and adapters.parked["hot"] == 1
+    adapters.closed = set()
+    out = sched.schedule()
+    (resumed,) = [s for s in out.scheduled if s.seq is hot]
+    assert (resumed.start, resumed.num_tokens) == (computed, 1)
+    assert hot.holds_adapter and not hot.parked and adapters.refcount["hot"] == 1
+    assert adapters.parked["hot"] == 0
+    _finish_step(sched)
+    sched.finish(hot)
+    sched.finish(other)
+    assert adapters.refcount == {"hot": 0, "other": 0} and sched.allocator.num_free == 64
+
+
+def test_a_parked_request_that_ends_drops_its_hold() -> None:
+    """An aborted (or otherwise finished) parked request gives its parked hold back, so an
+    unloaded adapter it kept alive can be freed."""
+    adapters = FakeAdapters()
+    sched = _scheduler(adapters=adapters)
+    seq = _seq("a", 5, 0, "a")
+    sched.add(seq)
+    sched.schedule()
+    _finish_step(sched)
+    adapters.closed = {"a"}
+    sched.schedule()
+    assert seq.parked and adapters.parked["a"] == 1
+    sched.remove(seq)
+    assert adapters.parked["a"] == 0 and adapters.refcount["a"] == 0 and not seq.parked
+    assert sched.allocator.num_free == 64

@@ -156,6 +156,9 @@ COMBOS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True}},
         "adapters": {"mode": "pvc", "pvc": {"existingClaim": "shared-adapters"}},
     },
+    # The adapter pool sized by hand, with a residency cap.
+    "pool-sized": {"server": {"adapterPoolBytes": "8G", "adapterPoolFraction": 0.2,
+                              "maxGpuAdapters": 48}},
     "servicemonitor": {
         "metrics": {"serviceMonitor": {"enabled": True, "interval": "5s",
                                        "labels": {"release": "kube-prometheus-stack"}}},
@@ -530,6 +533,11 @@ INVALID_VALUES = {
     "tenant without adapters": {"auth": {"apiKeys": {"tenants": {"acme": {
         "keys_sha256": [TENANT_SHA]}}}}},
     "gpu count": {"gpu": {"count": -1}},
+    # a bare number would reach the ConfigMap as a float (8.589934592e+09)
+    "pool bytes as a number": {"server": {"adapterPoolBytes": 8589934592}},
+    "pool bytes unit": {"server": {"adapterPoolBytes": "8 gigs"}},
+    "pool fraction 0": {"server": {"adapterPoolFraction": 0}},
+    "pool fraction over 1": {"server": {"adapterPoolFraction": 1.5}},
     "memory quantity": {"resources": {"limits": {"memory": "lots"}}},
     "failure mode": {"router": {"inferencePool": {"endpointPicker": {"failureMode": "Maybe"}}}},
     "scrape interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},
@@ -750,6 +758,8 @@ def test_rendered_configuration_is_accepted_by_the_cli(
     assert config.engine.max_num_batched_tokens == server["maxNumBatchedTokens"]
     registry = config.engine.registry
     assert registry.max_gpu_adapters == server["maxGpuAdapters"]
+    assert registry.gpu_pool_fraction == server["adapterPoolFraction"]
+    assert registry.gpu_pool_bytes == {None: None, "8G": 8 << 30}[server["adapterPoolBytes"]]
     assert registry.max_cpu_adapters == server["maxCpuAdapters"]
     assert registry.max_lora_rank == server["maxLoraRank"]
     root = Path(render.values["adapters"]["mountPath"])

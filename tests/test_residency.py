@@ -5,8 +5,10 @@
 - with default flags, a step of N rows for N distinct adapters (N = 24 > the old 16 slots)
   carries all N, and every request gives PEFT's greedy tokens (both CPU LoRA backends);
 - an explicit --max-gpu-adapters cap is still honoured (never more resident, or in a step);
-- Zipf demand over more adapters than fit: every request finishes within a number of steps
-  derived from the fairness rule (registry clock = the step count, so the bound is in steps).
+- demand above capacity whose hot head never lets go of its adapters and whose tail is drawn
+  Zipf: every request finishes within a number of steps derived from the fairness rule
+  (registry clock = the step count, so the bound is in steps), and without the rule the same
+  demand starves the tail (the control that shows the test can fail).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loramux.adapters.config import RegistryConfig
 from loramux.adapters.host_cache import full_rank_numel
 from loramux.adapters.registry import AdapterRegistry
 from loramux.adapters.sizing import SLOT_RANK, size_pool
+from loramux.adapters.types import AdapterNotFound
 from loramux.engine.config import EngineConfig
 from loramux.engine.engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
@@ -40,7 +43,6 @@ N_ADAPTERS = 24  # more than the old default of 16 slots
 MAX_NEW = 6
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 ELEMENT = 4  # float32
-ARRIVALS = 6  # requests per step in the Zipf test
 
 
 def _spec(i: int) -> dict[str, Any]:
@@ -152,6 +154,53 @@ def test_mixed_ranks_fill_the_bytes_not_a_slot_count(world: dict[str, Any]) -> N
         reg.close()
 
 
+def _acquire_parked(reg: AdapterRegistry, ref: Any, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (slot := reg.acquire(ref, parked=True)) is None:
+        assert time.monotonic() < deadline, f"{ref} did not page back in"
+        time.sleep(0.005)
+    return slot
+
+
+def test_a_parked_reference_keeps_an_unloaded_version_until_it_is_taken_back(
+        world: dict[str, Any]) -> None:
+    """A request parks its adapter (gives the reference back mid-run), the device evicts it
+    for another, and the operator unloads it: the version stays for the parked request, which
+    takes it back (paged in again); its last release frees it. An unpark frees it likewise."""
+    base = base_spec(world["cfg"])
+    reg = _registry(world, gpu_pool_bytes=full_rank_numel(base, 16) * ELEMENT,
+                    fairness_wait_s=0.0)
+    try:
+        a, b = reg.resolve(HOT[0]), reg.resolve(HOT[1])  # rank 16 everywhere: one at a time
+        reg.acquire_wait(a)
+        reg.prefetch(b)  # an older waiter than a's own want once it parks
+        reg.park(a)
+        assert reg.stats.parks == 1
+        reg.acquire_wait(b)  # a was evicted for it
+        assert reg.resident() == [b]
+        reg.unload(HOT[0])
+        with pytest.raises(AdapterNotFound):
+            reg.acquire(a)  # a new request cannot take an unloaded version ...
+        reg.release(b)
+        _acquire_parked(reg, a)  # ... the parked one can, paged in again
+        assert reg.resident() == [a]
+        reg.release(a)  # the last holder: freed
+        with pytest.raises(AdapterNotFound):
+            reg.acquire(a, parked=True)
+        assert HOT[0] not in reg.names() and reg.memory()["device_used_bytes"] == 0
+
+        reg.acquire_wait(b)
+        reg.park(b)
+        reg.unload(HOT[1])
+        assert reg.memory()["device_used_bytes"] > 0  # kept for the parked request
+        reg.unpark(b)  # which ended instead
+        assert reg.memory()["device_used_bytes"] == 0
+        with pytest.raises(ValueError):
+            reg.unpark(b)
+    finally:
+        reg.close()
+
+
 # ---------------------------------------------------------------------------- engine
 
 
@@ -206,51 +255,89 @@ def _zipf(n: int, k: int, s: float, seed: int) -> list[int]:
                              generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_zipf_demand_above_capacity_never_starves(world: dict[str, Any]) -> None:
-    """Zipf(1.1) demand over 24 adapters, a pool that holds about 3 of them, 6 arrivals per
-    step for 30 steps. The registry's clock is the step count, so the fairness rule reads in
-    steps: a waiter is placed, or after F = fairness_wait_s steps starves and closes the hot adapters
-    in its way, whose running requests end within T = MAX_NEW + 1 steps (prefill, decodes);
-    older starving waiters go first, at most K - 1 of them, each clearing within T steps
-    plus a step or two of page-in. So every request finishes within
-        F + K * (T + PAGE_IN) + T
-    steps of its arrival; an adapter that starved would never finish."""
+HOT = ("a02", "a08")  # rank 16 on every projection: the pool holds exactly these two
+FAIRNESS_STEPS = 6
+PAGE_IN_STEPS = 2
+COLD_EVERY = 25  # steps between tail arrivals: the tail alone stays well under capacity
+DEMAND_STEPS = 300
+
+
+def _starvation_bound() -> int:
+    """Steps within which every request finishes, from the fairness rule (registry clock =
+    step count). A request's adapter is resident, or the request waits F steps, then closes
+    the resident adapters in its way; their running requests end within T steps (prefill and
+    MAX_NEW - 1 decodes), the page-in takes at most PAGE_IN steps, and older waiters go first.
+    At most W adapters wait at once (the two hot ones closed for a tail adapter, and one tail
+    adapter: a tail arrival is served long before the next one, COLD_EVERY steps later), each
+    ahead of it taking T + PAGE_IN steps; then it runs its own T steps:
+        F + W * (T + PAGE_IN) + T."""
+    t, waiting = MAX_NEW, len(HOT) + 1
+    return FAIRNESS_STEPS + waiting * (t + PAGE_IN_STEPS) + t
+
+
+def _hot_and_tail(world: dict[str, Any], *, fairness_steps: float, steps: int
+                  ) -> tuple[dict[str, int], dict[str, int], dict[str, list[int]],
+                             dict[str, tuple[list[int], str]]]:
+    """Run the head-and-tail demand for `steps` steps (arrivals stop at DEMAND_STEPS, then it
+    drains); returns arrival step, finish step, tokens and (prompt, adapter) by request."""
     base = base_spec(world["cfg"])
-    steps = 0
-    fairness_steps, page_in_steps, k = 6, 2, N_ADAPTERS
-    reg = _registry(world, gpu_pool_bytes=3 * full_rank_numel(base, 8) * ELEMENT,
-                    fairness_wait_s=float(fairness_steps), clock=lambda: float(steps))
+    clock = [0]
+    reg = _registry(world, gpu_pool_bytes=len(HOT) * full_rank_numel(base, 16) * ELEMENT,
+                    fairness_wait_s=fairness_steps, clock=lambda: float(clock[0]))
     try:
-        assert reg.pool_capacity(8) < k
+        assert reg.pool_capacity(16) == len(HOT)  # a tail adapter must evict a hot one
         engine = LLMEngine(world["base"], EngineConfig(), adapters=reg)
-        names = list(world["paths"])
-        demand = _zipf(ARRIVALS * 30, k, 1.1, seed=7)
-        cases = [(p, names[a]) for p, a in zip(prompts(len(demand), seed=20, high=8), demand)]
-        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-        t = params.max_tokens + 1
-        bound = fairness_steps + k * (t + page_in_steps) + t
+        tail = [n for n in world["paths"] if n not in HOT]
+        tail_draws = iter(_zipf(DEMAND_STEPS // COLD_EVERY + 1, len(tail), 1.1, seed=7))
+        pool_prompts = prompts(4, seed=20, high=8)
         arrived: dict[str, int] = {}
         finished: dict[str, int] = {}
         tokens: dict[str, list[int]] = {}
-        while len(finished) < len(cases):
-            for i in range(ARRIVALS * steps, min(ARRIVALS * (steps + 1), len(cases))):
-                engine.add_request(f"z{i}", cases[i][0], params, cases[i][1])
-                arrived[f"z{i}"], tokens[f"z{i}"] = steps, []
+        cases: dict[str, tuple[list[int], str]] = {}
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        for step in range(steps):
+            clock[0] = step
+            if step < DEMAND_STEPS:
+                new = [(f"h{step}", HOT[step % len(HOT)])]
+                if step % COLD_EVERY == 1:
+                    new.append((f"c{step}", tail[next(tail_draws)]))
+                for rid, name in new:
+                    prompt = pool_prompts[len(cases) % len(pool_prompts)]
+                    engine.add_request(rid, prompt, params, name)
+                    arrived[rid], tokens[rid], cases[rid] = step, [], (prompt, name)
             _settle(reg)
             for out in engine.step():
                 tokens[out.request_id] += out.token_ids
                 if out.finished:
-                    finished[out.request_id] = steps
-            steps += 1
-            late = [rid for rid, at in arrived.items()
-                    if rid not in finished and steps - at > bound]
-            assert not late, f"{late} waited more than {bound} steps"
-        waits = [finished[rid] - arrived[rid] for rid in finished]
-        assert max(waits) <= bound
-        for i, (prompt, name) in enumerate(cases):
-            assert tokens[f"z{i}"] == world["ref"](prompt, name), name
+                    finished[out.request_id] = step
+            if step >= DEMAND_STEPS and not engine.has_unfinished():
+                break
+        return arrived, finished, tokens, cases
     finally:
         reg.close()
+
+
+def test_tail_adapters_never_starve_behind_endless_hot_demand(world: dict[str, Any]) -> None:
+    """Demand above capacity with a Zipf shape: the two hottest adapters always have requests
+    running (one arrival every step, alternating), and a tail adapter, drawn Zipf(1.1) from
+    the other 22, arrives every COLD_EVERY steps; the pool holds exactly the two hot ones.
+    Hot adapters are never unreferenced, so only the fairness rule ever makes room: every
+    request must finish within the bound its rule gives (and with PEFT's tokens). The control
+    run without the rule shows the demand is one that starves: its first tail request is
+    still waiting long after that bound."""
+    bound = _starvation_bound()
+    arrived, finished, tokens, cases = _hot_and_tail(
+        world, fairness_steps=float(FAIRNESS_STEPS), steps=DEMAND_STEPS + 10 * bound)
+    assert set(finished) == set(arrived), "requests left unfinished"
+    waits = {rid: finished[rid] - arrived[rid] for rid in arrived}
+    assert max(waits.values()) <= bound, sorted(waits.items(), key=lambda kv: -kv[1])[:5]
+    assert sum(rid.startswith("c") for rid in arrived) >= 10
+    for rid, (prompt, name) in cases.items():
+        assert tokens[rid] == world["ref"](prompt, name), (rid, name)
+
+    arrived, finished, _, _ = _hot_and_tail(world, fairness_steps=1e9, steps=4 * bound)
+    first_tail = min((rid for rid in arrived if rid.startswith("c")), key=arrived.get)
+    assert first_tail not in finished, "without the rule the tail should starve here"
 
 
 def _settle(reg: AdapterRegistry) -> None:

@@ -105,7 +105,7 @@ when the cache itself is an emptyDir (a cache claim keeps the kernels already). 
 {{- if and (eq .Values.adapters.mode "pvc") (not .Values.adapters.pvc.existingClaim) (not .Values.adapters.pvc.create) }}
 {{- fail "adapters.mode=pvc needs adapters.pvc.existingClaim or adapters.pvc.create=true" }}
 {{- end }}
-{{- if lt (int .Values.server.maxCpuAdapters) (int .Values.server.maxGpuAdapters) }}
+{{- if and .Values.server.maxGpuAdapters (lt (int .Values.server.maxCpuAdapters) (int .Values.server.maxGpuAdapters)) }}
 {{- fail "server.maxCpuAdapters must be at least server.maxGpuAdapters" }}
 {{- end }}
 {{- if and .Values.router.httpRoute.enabled (not .Values.router.inferencePool.enabled) }}
