@@ -520,7 +520,8 @@ class AdapterRegistry:
                 resident.refcount += 1
                 resident.last_use = self._clock()
                 version.last_use = time.time()
-                version.parked -= parked
+                if parked:  # the parked hold becomes this reference
+                    version.parked -= 1
                 self._wants.pop(ref, None)
                 return resident.slot
             if version.retired and not parked:

@@ -50,7 +50,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -307,14 +308,18 @@ class Bench:
                      output_len=2, warmup=0)
 
 
-    def measure(self, variants: Sequence[Variant]) -> list[LoadedResult]:
+    def measure(self, variants: Sequence[Variant],
+                after_first_round: Callable[[], None] | None = None) -> list[LoadedResult]:
         """Each variant `plan.rounds` times, interleaved (A B A B ...) so that a machine
-        shared with other work slows each alike; the best round of each (see `best_of`)."""
+        shared with other work slows each alike; the best round of each (see `best_of`).
+        `after_first_round` runs once between the first round and the next (PEFT's run)."""
         rounds: list[list[LoadedResult]] = [[] for _ in variants]
         for r in range(self.plan.rounds):
             for runs, (server, name, label, args, sizes) in zip(rounds, variants):
                 runs.append(self.run(server, self.folder(name, r), *args, label=label,
                                      **sizes))
+            if r == 0 and after_first_round is not None:
+                after_first_round()
         return [best_of(runs) for runs in rounds]
 
     def folder(self, name: str, round_index: int) -> str:
@@ -323,6 +328,24 @@ class Bench:
 
 # (server, folder name, label, `loadtest run` arguments, sizes that override the plan)
 Variant = tuple[ServerProcess, str, str, Sequence[str], Mapping[str, int]]
+
+
+class _PeftRun:
+    """PEFT's run of a plan as `Bench.measure`'s between-rounds step: called once, it runs
+    `loadtest peft` (one unrecorded batch first) and keeps the result."""
+
+    def __init__(self, bench: Bench, name: str, args: Sequence[str], label: str) -> None:
+        self.bench, self.name, self.args, self.label = bench, name, args, label
+        self._result: LoadedResult | None = None
+
+    def __call__(self) -> None:
+        self._result = self.bench.peft(self.name, *self.args, label=self.label,
+                                       warmup=max(1, self.bench.plan.warmup))
+
+    @property
+    def result(self) -> LoadedResult:
+        assert self._result is not None, "PEFT runs after the first round"
+        return self._result
 
 
 def best_of(runs: Sequence[LoadedResult]) -> LoadedResult:
@@ -369,14 +392,10 @@ def scenario_vs_peft(bench: Bench, server: ServerProcess) -> dict[str, Any]:
         # The server is warm (primed); PEFT gets one unrecorded batch of its own. PEFT runs
         # once, between loramux's first and second rounds.
         name = f"vs-peft-{popularity}"
-        rounds = []
-        for r in range(plan.rounds):
-            rounds.append(bench.run(server, bench.folder(name, r), *args,
-                                    label=f"loramux {popularity}", warmup=0))
-            if r == 0:
-                peft = bench.peft(f"{name}/peft", *args, label=f"PEFT {popularity}",
-                                  warmup=max(1, plan.warmup))
-        served = best_of(rounds)
+        run_peft = _PeftRun(bench, f"{name}/peft", args, f"PEFT {popularity}")
+        (served,) = bench.measure(
+            [(server, name, f"loramux {popularity}", args, {"warmup": 0})], run_peft)
+        peft = run_peft.result
         results += [served, peft]
         found[popularity] = {"loramux": served.summary, "peft": peft.summary,
                              "loramux_over_peft": ratios(served.summary, peft.summary)}
@@ -449,21 +468,12 @@ def scenario_defaults(bench: Bench, default: ServerProcess, capped: ServerProces
     print(f"\n## defaults: {n} adapters, one per request: defaults, --max-gpu-adapters {n}, "
           "no adapters, PEFT", flush=True)
     args = ("--num-adapters", str(n), "--popularity", "distinct")
-    variants: list[Variant] = [
+    run_peft = _PeftRun(bench, "defaults-peft", args, f"PEFT, {n} adapters")
+    lora, capped_run, base = bench.measure([
         (default, "defaults-lora", f"{n} adapters, defaults", args, {}),
         (capped, "defaults-capped", f"{n} adapters, --max-gpu-adapters {n}", args, {}),
-        (default, "defaults-base", "no adapters", ("--adapters", "none"), {})]
-    rounds: list[list[LoadedResult]] = [[] for _ in variants]
-    peft: LoadedResult | None = None
-    for r in range(plan.rounds):
-        for runs, (server, name, label, run_args, sizes) in zip(rounds, variants):
-            runs.append(bench.run(server, bench.folder(name, r), *run_args, label=label,
-                                  **sizes))
-        if peft is None:
-            peft = bench.peft("defaults-peft", *args, label=f"PEFT, {n} adapters",
-                              warmup=max(1, plan.warmup))
-    assert peft is not None
-    lora, capped_run, base = (best_of(runs) for runs in rounds)
+        (default, "defaults-base", "no adapters", ("--adapters", "none"), {})], run_peft)
+    peft = run_peft.result
     plot_compare([base, lora, capped_run, peft], bench.out / "residency-defaults.png",
                  title=f"{n} adapters, one per request: loramux defaults vs "
                  f"--max-gpu-adapters {n}, no adapters and PEFT")
@@ -544,29 +554,58 @@ def source() -> dict[str, Any]:
         return {"commit": None, "uncommitted_changes": None}
 
 
+class _Session:
+    """One benchmark invocation: its folder, the plan's adapters (made once), the admin token,
+    the servers it started (their commands, redacted) and the document it writes."""
+
+    def __init__(self, out: Path, plan: Plan, model_dir: str, device: str,
+                 progress: bool) -> None:
+        self.out = out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.plan, self.model_dir, self.device = plan, model_dir, device
+        self.bench = Bench(self.out, plan, model_dir, device, progress)
+        self.adapters = cached_adapters(model_dir, self.out / "adapters", plan)
+        self.token = secrets.token_hex(16)
+        self.servers: dict[str, list[str]] = {}
+
+    @contextmanager
+    def server(self, name: str, argv: list[str], prime: int, title: str
+               ) -> Iterator[ServerProcess]:
+        """`loramux serve argv` with every adapter loaded and the first `prime` primed."""
+        self.servers[name] = _redact(argv, self.token)
+        print(f"\n# {title}: loramux serve {' '.join(self.servers[name])}", flush=True)
+        with ServerProcess(argv, self.out / f"server-{name}.log", self.out) as process:
+            load_all(process.url, self.adapters, self.token)
+            self.bench.prime(process, prime, f"prime-{name}")
+            yield process
+
+    def finish(self, scenarios: dict[str, Any], plots: list[str],
+               tables_of: Callable[[Mapping[str, Any]], str], **extra: Any) -> dict[str, Any]:
+        """Write OUT/benchmarks.json and OUT/tables.md, print the tables, return the doc."""
+        doc = {"schema": SCHEMA, **extra, "started_at": _utc(self.started),
+               "finished_at": _utc(time.time()), "elapsed_s": time.time() - self.started,
+               "command": sys.argv, "machine": machine(), "source": source(),
+               "plan": asdict(self.plan), "model_dir": self.model_dir, "servers": self.servers,
+               "scenarios": scenarios, "load_average_after_run": self.bench.load,
+               "plots": plots}
+        write_json(self.out / "benchmarks.json", doc)
+        (self.out / "tables.md").write_text(tables_of(doc))
+        print("\n" + tables_of(doc), flush=True)
+        return doc
+
+
 def run_benchmarks(out: Path, plan: Plan, model_dir: str, *, device: str = "auto",
                    progress: bool = True) -> dict[str, Any]:
     """Every scenario; writes OUT/benchmarks.json, OUT/tables.md and the plots."""
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    bench = Bench(out, plan, model_dir, device, progress)
-    adapters = cached_adapters(model_dir, out / "adapters", plan)
-    token = secrets.token_hex(16)
-    servers: dict[str, list[str]] = {}
+    run = _Session(out, plan, model_dir, device, progress)
+    bench = run.bench
     scenarios: dict[str, Any] = {}
 
-    @contextmanager
-    def server(name: str, slots: int) -> Iterator[ServerProcess]:
+    def server(name: str, slots: int) -> contextlib.AbstractContextManager[ServerProcess]:
         """A server with `slots` device slots, every adapter loaded, `slots` of them primed."""
-        argv = serve_args(model_dir, out / "adapters", token, slots, plan, device)
-        servers[name] = _redact(argv, token)
-        print(f"\n# server with {slots} device slots: loramux serve {' '.join(servers[name])}",
-              flush=True)
-        with ServerProcess(argv, out / f"server-{name}.log", out) as process:
-            load_all(process.url, adapters, token)
-            bench.prime(process, slots, f"prime-{name}")
-            yield process
+        argv = serve_args(model_dir, run.out / "adapters", run.token, slots, plan, device)
+        return run.server(name, argv, slots, f"server with {slots} device slots")
 
     with server("resident", plan.made) as process:
         scenarios["vs_peft"] = scenario_vs_peft(bench, process)
@@ -574,43 +613,30 @@ def run_benchmarks(out: Path, plan: Plan, model_dir: str, *, device: str = "auto
         scenarios["scaling"] = scenario_scaling(bench, process)
         with server("fewer_slots", plan.slots) as fewer:
             scenarios["slots"] = scenario_slots(bench, process, fewer)
-
-    doc = {"schema": SCHEMA, "started_at": _utc(started), "finished_at": _utc(time.time()),
-           "elapsed_s": time.time() - started, "command": sys.argv, "machine": machine(),
-           "source": source(),
-           "plan": asdict(plan), "model_dir": model_dir,
-           "servers": servers,
-           "scenarios": scenarios, "load_average_after_run": bench.load,
-           "plots": ["vs-peft.png", "overhead.png", "scaling.png", "slots.png"]}
-    write_json(out / "benchmarks.json", doc)
-    (out / "tables.md").write_text(tables(doc))
-    print("\n" + tables(doc), flush=True)
-    return doc
+    return run.finish(scenarios, ["vs-peft.png", "overhead.png", "scaling.png", "slots.png"],
+                      tables)
 
 
 def run_residency(out: Path, plan: Plan, model_dir: str, *, device: str = "auto",
                   progress: bool = True, only: str | None = None) -> dict[str, Any]:
-    """The `defaults` and `pool` scenarios; writes OUT/benchmarks.json, OUT/tables.md and the
-    two plots. Three servers run side by side so that their rounds interleave."""
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    bench = Bench(out, plan, model_dir, device, progress)
-    adapters = cached_adapters(model_dir, out / "adapters", plan)
-    token = secrets.token_hex(16)
-    servers: dict[str, list[str]] = {}
-    scenarios: dict[str, Any] = {}
-    pool_bytes = pool_bytes_for(model_dir, plan.ranks, plan.slots, 4 if device != "cuda" else 2)
+    """The `defaults` and `pool` scenarios (or `only` one); writes OUT/benchmarks.json,
+    OUT/tables.md and the plots. The servers run side by side so that rounds interleave."""
+    import torch
 
-    @contextmanager
-    def server(name: str, extra: Sequence[str], prime: int) -> Iterator[ServerProcess]:
-        argv = [*default_serve_args(model_dir, out / "adapters", token, device), *extra]
-        servers[name] = _redact(argv, token)
-        print(f"\n# server {name}: loramux serve {' '.join(servers[name])}", flush=True)
-        with ServerProcess(argv, out / f"server-{name}.log", out) as process:
-            load_all(process.url, adapters, token)
-            bench.prime(process, prime, f"prime-{name}")
-            yield process
+    from loramux.engine.config import EngineConfig
+    from loramux.engine.model import resolve_device, resolve_dtype
+
+    run = _Session(out, plan, model_dir, device, progress)
+    bench = run.bench
+    scenarios: dict[str, Any] = {}
+    engine = EngineConfig(device=device)  # the servers' serving dtype is the pool's
+    element = torch.empty((), dtype=resolve_dtype(engine, resolve_device(engine))).element_size()
+    pool_bytes = pool_bytes_for(model_dir, plan.ranks, plan.slots, element)
+
+    def server(name: str, extra: Sequence[str], prime: int
+               ) -> contextlib.AbstractContextManager[ServerProcess]:
+        argv = [*default_serve_args(model_dir, run.out / "adapters", run.token, device), *extra]
+        return run.server(name, argv, prime, f"server {name}")
 
     with server("defaults", [], plan.made) as default:
         if only in (None, "defaults"):
@@ -621,17 +647,8 @@ def run_residency(out: Path, plan: Plan, model_dir: str, *, device: str = "auto"
             with server("small_pool", ["--adapter-pool-bytes", str(pool_bytes)],
                         plan.slots) as small:
                 scenarios["pool"] = scenario_pool(bench, default, small, pool_bytes)
-
-    doc = {"schema": SCHEMA, "suite": "residency", "started_at": _utc(started),
-           "finished_at": _utc(time.time()), "elapsed_s": time.time() - started,
-           "command": sys.argv, "machine": machine(), "source": source(), "plan": asdict(plan),
-           "model_dir": model_dir, "servers": servers, "scenarios": scenarios,
-           "load_average_after_run": bench.load,
-           "plots": ["residency-defaults.png", "residency-pool.png"]}
-    write_json(out / "benchmarks.json", doc)
-    (out / "tables.md").write_text(residency_tables(doc))
-    print("\n" + residency_tables(doc), flush=True)
-    return doc
+    return run.finish(scenarios, [f"residency-{k}.png" for k in scenarios], residency_tables,
+                      suite="residency")
 
 
 def _utc(t: float) -> str:
